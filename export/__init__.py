@@ -1,0 +1,1 @@
+"""Export a training run to a bundle: the ONNX graph, checked against PyTorch, plus bundle.json."""

@@ -1,0 +1,42 @@
+"""Console output shared by every command: one-line errors, warnings and progress bars."""
+
+import sys
+from functools import wraps
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+class InspectError(Exception):
+    """A problem with the user's input (a file, a folder, an option) that they can act on."""
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def one_line_errors(func):
+    """Wrap a CLI entry point: InspectError and Ctrl-C become one line and a non-zero exit code."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except InspectError as error:
+            console.print(f"[red]error:[/red] {error}")
+            sys.exit(2)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]")
+            sys.exit(130)
+
+    return wrapper
+
+
+def progress_bar() -> Progress:
+    """A rich progress bar on stderr, with elapsed and remaining time."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=False,
+    )

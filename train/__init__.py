@@ -1,0 +1,1 @@
+"""Training in PyTorch: backbones, the anomaly models, and the training run folder."""

@@ -1,0 +1,170 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection"), one piece per step:
+locally aware patch features → greedy coreset memory bank → nearest-neighbour distances → reweighted
+image score and a smoothed anomaly map. The whole forward pass exports to one ONNX graph."""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import FeatureExtractor, Normalization, create_feature_extractor
+from .layers import GaussianSmoothing, ImageInput, upsample
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    strides: tuple[int, ...] = (8, 16)  # two mid-level stages
+    image_size: tuple[int, int] = (256, 256)
+    coreset_ratio: float = 0.01
+    projection_dim: int = 128  # random projection used only to pick the coreset
+    num_neighbours: int = 9  # bank neighbourhood used by the image-score reweighting
+    sigma: float = 4.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "PatchCoreConfig":
+        record = dict(record, strides=tuple(record["strides"]), image_size=tuple(record["image_size"]))
+        return cls(**record)
+
+
+class PatchEmbedding(nn.Module):
+    """Locally aware patch features: each stage averaged over 3×3 neighbourhoods, upsampled to the finest
+    stage's grid and concatenated channel-wise."""
+
+    def __init__(self, extractor: FeatureExtractor):
+        super().__init__()
+        self.extractor = extractor
+        self.local_average = nn.AvgPool2d(3, stride=1, padding=1)
+        self.dim = sum(extractor.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.local_average(f) for f in self.extractor(x)]
+        grid = features[0].shape[-2:]
+        return torch.cat([features[0]] + [upsample(f, grid) for f in features[1:]], dim=1)
+
+
+class MemoryBank(nn.Module):
+    """Nearest-neighbour patch distances against the coreset, and the paper's reweighted image score.
+
+    Distances are ‖q‖² − 2·q·Mᵀ + ‖m‖² (one MatMul) and a Min over the bank, clamped at 0 before the square
+    root, so the exported graph never materialises an N×M×C tensor. `neighbours` holds, for each bank entry,
+    the indices of its nearest entries in the bank (itself first), computed at training time.
+    """
+
+    def __init__(self, bank: torch.Tensor, neighbours: torch.Tensor):
+        super().__init__()
+        self.register_buffer("bank", bank.float().contiguous())
+        self.register_buffer("neighbours", neighbours.long().contiguous())
+        self.register_buffer("bank_sq_norm", (self.bank**2).sum(1), persistent=False)
+
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, P, C) → distance to the nearest bank entry (B, P) and that entry's index (B, P)."""
+        squared = (queries**2).sum(-1, keepdim=True) - 2 * queries @ self.bank.T + self.bank_sq_norm
+        min_squared, nearest = squared.min(dim=-1)
+        return min_squared.clamp_min(0).sqrt(), nearest
+
+    def image_score(self, queries: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """s = (1 − softmax over the neighbourhood of m* of ‖q* − m‖, taken at m*) · s*, for the worst patch q*."""
+        score, worst = distances.max(dim=1)
+        worst_query = queries.gather(1, worst.view(-1, 1, 1).expand(-1, 1, queries.shape[-1]))
+        worst_nearest = nearest.gather(1, worst.view(-1, 1)).squeeze(1)
+        support = self.bank[self.neighbours[worst_nearest]]
+        support_distances = ((support - worst_query) ** 2).sum(-1).clamp_min(0).sqrt()
+        weight = 1 - torch.softmax(support_distances, dim=1)[:, 0]
+        return weight * score
+
+
+class PatchCore(nn.Module):
+    """uint8 RGB images (B, H, W, 3) → anomaly_map (B, 1, H, W) and score (B,)."""
+
+    def __init__(self, extractor: FeatureExtractor, normalization: Normalization, memory: MemoryBank, sigma: float):
+        super().__init__()
+        self.image_input = ImageInput(normalization)
+        self.embedding = PatchEmbedding(extractor)
+        self.memory = memory
+        self.smoothing = GaussianSmoothing(sigma)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.image_input(images))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.embed(images)
+        batch, _, height, width = embedding.shape
+        queries = embedding.flatten(2).transpose(1, 2)
+        distances, nearest = self.memory.nearest(queries)
+        score = self.memory.image_score(queries, distances, nearest)
+        patch_map = distances.view(batch, 1, height, width)
+        return self.smoothing(upsample(patch_map, images.shape[1:3])), score
+
+
+def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Gaussian random projection to `dim` dimensions in bfloat16: distances are kept well enough to pick a
+    coreset, at a fraction of the memory traffic."""
+    if features.shape[1] <= dim:
+        return features.to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(features.shape[1], dim, generator=generator) / dim**0.5
+    return (features @ matrix).to(torch.bfloat16)
+
+
+def greedy_coreset(points: torch.Tensor, size: int, seed: int, progress=None) -> torch.Tensor:
+    """Greedy k-center selection: repeatedly take the point farthest from everything chosen so far.
+
+    All buffers are allocated once; each iteration is one matrix-vector product over the points.
+    `progress(n)` is called every few hundred iterations.
+    """
+    count = points.shape[0]
+    size = min(size, count)
+    sq_norm = (points.float() ** 2).sum(1)
+    min_distance = torch.full((count,), float("inf"))
+    dots = torch.empty(count, dtype=points.dtype)
+    distance = torch.empty(count)
+    chosen = torch.empty(size, dtype=torch.long)
+    index = int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(seed)))
+    for step in range(size):
+        chosen[step] = index
+        center = points[index]
+        torch.mv(points, center, out=dots)
+        distance.copy_(dots).mul_(-2).add_(sq_norm).add_(sq_norm[index])
+        torch.minimum(min_distance, distance, out=min_distance)
+        index = int(torch.argmax(min_distance))
+        if progress is not None and (step + 1) % 256 == 0:
+            progress(256)
+    return chosen
+
+
+def bank_neighbours(bank: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Indices (M, k) of each bank entry's k nearest entries in the bank, itself first."""
+    k = min(k, bank.shape[0])
+    sq_norm = (bank**2).sum(1)
+    rows = []
+    for start in range(0, bank.shape[0], chunk):
+        block = bank[start:start + chunk]
+        squared = (block**2).sum(1, keepdim=True) - 2 * block @ bank.T + sq_norm
+        squared[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = -1  # self first
+        rows.append(squared.topk(k, dim=1, largest=False).indices)
+    return torch.cat(rows)
+
+
+def build_patchcore(config: PatchCoreConfig, bank: torch.Tensor, neighbours: torch.Tensor,
+                    weights=None, pretrained: bool = True) -> PatchCore:
+    extractor, normalization = create_feature_extractor(config.backbone, config.strides, weights, pretrained)
+    return PatchCore(extractor, normalization, MemoryBank(bank, neighbours), config.sigma).eval()
+
+
+@torch.inference_mode()
+def extract_patches(model: PatchCore, images: np.ndarray, batch_size: int = 16, progress=None) -> torch.Tensor:
+    """Patch features (N·h·w, C) of uint8 images (N, H, W, 3)."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start:start + batch_size])
+        embedding = model.embed(batch)
+        chunks.append(embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]))
+        if progress is not None:
+            progress(len(batch))
+    return torch.cat(chunks)
