@@ -1,0 +1,85 @@
+"""Evaluate a bundle on a labelled test set through the runtime: image AUROC, pixel AUROC, AUPRO, F1-max and
+the verdicts at the calibrated threshold, per defect type and overall."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edgeinspect.runtime.bundle import Bundle
+from edgeinspect.runtime.console import InspectError, progress_bar
+from edgeinspect.runtime.datasets import GOOD, Dataset, TestSample
+from edgeinspect.runtime.inspector import Inspector
+
+from .metrics import at_threshold, aupro, auroc, f1_max
+
+
+def read_mask(sample: TestSample, image_shape: tuple[int, int], map_shape: tuple[int, int]) -> np.ndarray:
+    """Ground truth as a bool array at the map's size; good images and images without a mask are all-False."""
+    if sample.mask is None:
+        return np.zeros(map_shape, dtype=bool)
+    mask = cv2.imread(str(sample.mask), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise InspectError(f"{sample.mask}: not a readable mask image")
+    if mask.shape != image_shape:
+        raise InspectError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.path} "
+                           f"is {image_shape[1]}x{image_shape[0]}")
+    return cv2.resize(mask, map_shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+
+
+def evaluate(bundle: Bundle, dataset: Dataset, batch_size: int = 8) -> dict:
+    if not dataset.test:
+        raise InspectError(f"--data {dataset.name}: no test images (an MVTec AD layout has test/<type>/)")
+    inspector = Inspector(bundle)
+    by_path = {sample.path: sample for sample in dataset.test}
+    with_masks = dataset.has_masks
+    types, scores, maps, masks = [], [], [], []
+    with progress_bar() as bar:
+        task = bar.add_task("evaluating", total=len(by_path))
+        for path, image, anomaly_map, score in inspector.infer_files(
+                list(by_path), batch_size, progress=lambda n: bar.advance(task, n)):
+            sample = by_path[path]
+            types.append(sample.defect_type)
+            scores.append(score)
+            if with_masks:
+                maps.append(anomaly_map)
+                masks.append(read_mask(sample, image.shape[:2], anomaly_map.shape))
+    types, scores = np.array(types), np.array(scores)
+    maps, masks = (np.stack(maps), np.stack(masks)) if with_masks else (None, None)
+    groups = {"overall": np.ones(len(types), dtype=bool)}
+    groups.update({t: (types == t) | (types == GOOD) for t in sorted(set(types) - {GOOD})})
+    threshold = (bundle.thresholds or {}).get("image", {}).get("threshold")
+    results = {name: _group_metrics(types[keep] != GOOD, scores[keep], maps, masks, keep, threshold)
+               for name, keep in groups.items()}
+    return {"dataset": dataset.name, "bundle": str(bundle.path), "n_images": int(len(types)),
+            "image_threshold": threshold, "metrics": results}
+
+
+def _group_metrics(labels, scores, maps, masks, keep, threshold) -> dict:
+    metrics = {"n_good": int((~labels).sum()), "n_defective": int(labels.sum()),
+               "image_auroc": auroc(labels, scores)}
+    if labels.any():
+        metrics["f1_max"] = f1_max(labels, scores)["f1"]
+    if threshold is not None:
+        metrics["at_threshold"] = at_threshold(labels, scores, threshold)
+    if maps is not None:
+        metrics["pixel_auroc"] = auroc(masks[keep], maps[keep])
+        metrics["aupro"] = aupro(maps[keep], masks[keep])
+    return metrics
+
+
+def metrics_rows(result: dict) -> list[list[str]]:
+    """Table rows: group, n, image AUROC, pixel AUROC, AUPRO, F1-max, precision, recall, accuracy."""
+    def cell(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = []
+    for name, m in result["metrics"].items():
+        verdicts = m.get("at_threshold", {})
+        rows.append([name, str(m["n_good"] + m["n_defective"])] + [cell(m.get(k)) for k in (
+            "image_auroc", "pixel_auroc", "aupro", "f1_max")] + [cell(verdicts.get(k)) for k in (
+            "precision", "recall", "accuracy")])
+    return rows
+
+
+METRIC_COLUMNS = ["set", "images", "image AUROC", "pixel AUROC", "AUPRO", "F1-max", "precision", "recall", "accuracy"]

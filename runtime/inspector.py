@@ -1,0 +1,71 @@
+"""Run a bundle on images: resize on the CPU, everything else in the graph; verdicts and regions from the
+calibrated thresholds."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .backends import open_backend
+from .bundle import Bundle
+from .console import InspectError, warn
+from .images import read_image, resize
+from .regions import Region, find_regions
+
+
+@dataclass
+class Inspection:
+    score: float
+    anomaly_map: np.ndarray  # (H, W) at the model's input size
+    verdict: str | None = None  # "OK" / "NG"; None before calibration
+    regions: list[Region] = field(default_factory=list)
+
+
+class Inspector:
+    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None):
+        self.bundle = bundle
+        self.size = bundle.input_size
+        self.backend = open_backend(bundle, backend, threads)
+        thresholds = bundle.thresholds or {}
+        self.image_threshold = thresholds.get("image", {}).get("threshold")
+        self.pixel_threshold = thresholds.get("pixel", {}).get("threshold")
+
+    def prepare(self, image_rgb: np.ndarray) -> np.ndarray:
+        return resize(image_rgb, self.size)
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (B, H, W, 3) at the input size → maps (B, H, W), scores (B,)."""
+        return self.backend(np.ascontiguousarray(batch))
+
+    def inspect(self, batch: np.ndarray) -> list[Inspection]:
+        maps, scores = self.infer(batch)
+        return [self._judge(float(score), anomaly_map) for anomaly_map, score in zip(maps, scores)]
+
+    def _judge(self, score: float, anomaly_map: np.ndarray) -> Inspection:
+        if self.image_threshold is None:
+            return Inspection(score, anomaly_map)
+        verdict = "NG" if score > self.image_threshold else "OK"
+        regions = find_regions(anomaly_map, self.pixel_threshold) if verdict == "NG" else []
+        return Inspection(score, anomaly_map, verdict, regions)
+
+    def infer_files(self, paths: list[Path], batch_size: int = 8, progress=None
+                    ) -> Iterator[tuple[Path, np.ndarray, np.ndarray, float]]:
+        """(path, original RGB image, map, score) per readable file; unreadable files are skipped with a warning."""
+        readable = 0
+        for start in range(0, len(paths), batch_size):
+            loaded = []
+            for path in paths[start:start + batch_size]:
+                try:
+                    loaded.append((path, read_image(path)))
+                except InspectError as error:
+                    warn(f"skipped {error}")
+            if loaded:
+                maps, scores = self.infer(np.stack([self.prepare(image) for _, image in loaded]))
+                readable += len(loaded)
+                for (path, image), anomaly_map, score in zip(loaded, maps, scores):
+                    yield path, image, anomaly_map, float(score)
+            if progress is not None:
+                progress(len(paths[start:start + batch_size]))
+        if not readable:
+            raise InspectError(f"none of the {len(paths)} files could be read as images")

@@ -1,0 +1,55 @@
+"""Shared fixtures: a small MVTec-AD-layout data set made of real photos, and the real bottle data when present."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
+SIZE = 64
+
+
+def good_image(rng: np.random.Generator) -> np.ndarray:
+    """A crop of a real photo (the coffee cup of scikit-image) with small shifts and sensor noise."""
+    photo = skimage.data.coffee()
+    y, x = rng.integers(0, 8, 2)
+    crop = cv2.resize(photo[100 + y:300 + y, 150 + x:350 + x], (96, 96), interpolation=cv2.INTER_AREA)
+    return np.clip(crop + rng.normal(0, 3, crop.shape), 0, 255).astype(np.uint8)
+
+
+def with_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paste a patch of a different real texture (bricks) and return the image and its mask."""
+    image, mask = image.copy(), np.zeros(image.shape[:2], dtype=np.uint8)
+    y, x = rng.integers(16, 56, 2)
+    patch = skimage.data.brick()[:24, :24]
+    image[y:y + 24, x:x + 24] = patch[..., None]
+    mask[y:y + 24, x:x + 24] = 255
+    return image, mask
+
+
+def write(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), image[..., ::-1] if image.ndim == 3 else image)
+
+
+@pytest.fixture(scope="session")
+def mvtec_like(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "cup"
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        write(root / "train" / "good" / f"{i:03d}.png", good_image(rng))
+    for i in range(6):
+        write(root / "test" / "good" / f"{i:03d}.png", good_image(rng))
+        image, mask = with_defect(good_image(rng), rng)
+        write(root / "test" / "pasted" / f"{i:03d}.png", image)
+        write(root / "ground_truth" / "pasted" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+@pytest.fixture(scope="session")
+def bottle() -> Path:
+    if not BOTTLE.is_dir():
+        pytest.skip(f"real MVTec AD bottle data not present at {BOTTLE}")
+    return BOTTLE

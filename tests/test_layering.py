@@ -1,0 +1,27 @@
+"""The edge runtime and calibration must work on a box without torch."""
+
+import subprocess
+import sys
+
+BLOCK_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed on this edge box")
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+def test_runtime_and_calibration_import_without_torch():
+    modules = ["edgeinspect.runtime." + m for m in ("cli", "inspector", "backends", "bundle", "sources", "regions",
+                                                    "datasets", "images", "files", "console")]
+    modules += ["edgeinspect.calibration." + m for m in ("cli", "thresholds", "evaluate", "metrics")]
+    code = BLOCK_TORCH + "".join(f"import {m}\n" for m in modules) + "assert 'torch' not in sys.modules\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_torch_block_really_blocks():
+    result = subprocess.run([sys.executable, "-c", BLOCK_TORCH + "import edgeinspect.train.run"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "torch is not installed" in result.stderr

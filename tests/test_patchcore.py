@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from edgeinspect.train.patchcore import MemoryBank, bank_neighbours, greedy_coreset, random_projection
+
+
+def test_greedy_coreset_takes_one_point_from_each_far_cluster():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
+    points = (centers.repeat_interleave(50, 0) + torch.randn(200, 2, generator=generator)).contiguous()
+    chosen = greedy_coreset(points, 4, seed=0)
+    assert sorted((chosen // 50).tolist()) == [0, 1, 2, 3]
+    assert torch.equal(chosen, greedy_coreset(points, 4, seed=0))
+
+
+def test_random_projection_roughly_keeps_distances():
+    x = torch.randn(500, 256, generator=torch.Generator().manual_seed(1))
+    y = random_projection(x, 128, seed=0).float()
+    ratio = torch.cdist(y[:50], y[50:100]) / torch.cdist(x[:50], x[50:100])
+    assert y.shape == (500, 128) and 0.8 < ratio.median() < 1.2
+
+
+def test_nearest_matches_brute_force_and_is_never_nan():
+    generator = torch.Generator().manual_seed(2)
+    bank, queries = torch.randn(300, 16, generator=generator), torch.randn(2, 50, 16, generator=generator)
+    memory = MemoryBank(bank, bank_neighbours(bank, 9))
+    distances, nearest = memory.nearest(queries)
+    brute = torch.cdist(queries, bank[None].expand(2, -1, -1))
+    assert torch.allclose(distances, brute.min(-1).values, atol=1e-4)
+    assert torch.equal(nearest, brute.argmin(-1))
+    zero, _ = memory.nearest(bank[:5][None])
+    assert torch.isfinite(zero).all() and zero.max() < 1e-2
+
+
+def test_bank_neighbours_put_each_entry_first_then_its_nearest():
+    bank = torch.tensor([[0.0], [1.0], [10.0], [11.5]])
+    assert bank_neighbours(bank, 2).tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
+
+
+def test_image_score_is_the_papers_reweighted_maximum():
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    memory = MemoryBank(bank, bank_neighbours(bank, 3))
+    queries = torch.tensor([[[0.1, 0.0], [2.0, 0.0]]])
+    distances, nearest = memory.nearest(queries)
+    score = memory.image_score(queries, distances, nearest)
+    worst = torch.tensor([2.0, 0.0])
+    support = bank[bank_neighbours(bank, 3)[1]]
+    weight = 1 - torch.softmax((support - worst).norm(dim=1), 0)[0]
+    assert score.item() == pytest.approx((weight * 1.0).item(), rel=1e-5)
