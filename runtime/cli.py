@@ -29,7 +29,7 @@ class Save(str, Enum):
 @one_line_errors
 def run(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by inspect-export (and calibrated)."),
-    source: str = typer.Option(None, "--source", help="Image folder, video file or stream URL (or a camera index)."),
+    source: str = typer.Option(None, "--source", help="Image folder, video file, stream URL, camera index, or elpv (its held-out test cells)."),
     camera: int = typer.Option(None, "--camera", help="Camera index (OpenCV / V4L2), short for --source N."),
     out: Path = typer.Option(Path("out"), "--out", help="Folder for inspections.jsonl and the overlay images."),
     save: Save = typer.Option(Save.ng, "--save", help="Which frames to save with the heat-map overlay."),

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False, width=max(120, shutil.get_terminal_size().columns))
+console = Console(stderr=True, highlight=False, soft_wrap=True, width=max(120, shutil.get_terminal_size().columns))
 
 
 class InspectError(Exception):
@@ -16,7 +16,7 @@ class InspectError(Exception):
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
 
 def one_line_errors(func):
@@ -27,7 +27,7 @@ def one_line_errors(func):
         try:
             return func(*args, **kwargs)
         except InspectError as error:
-            console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(error))}")
             sys.exit(2)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")

@@ -9,6 +9,7 @@ from .console import InspectError
 from .images import list_images
 
 GOOD = "good"
+BUILTIN_DATASETS = ("elpv",)
 
 
 @dataclass(frozen=True)

@@ -7,23 +7,27 @@ import cv2
 import numpy as np
 
 from .console import InspectError, warn
+from .datasets import BUILTIN_DATASETS, open_dataset
 from .images import list_images, read_image, to_rgb
 
 
 def open_frames(source: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, RGB frame) per frame; the name is the file name for folders, the frame number otherwise."""
+    """(name, RGB frame) per frame; the name is the file name for folders, the frame number otherwise.
+    A built-in data set name (elpv) plays its held-out test images."""
+    if source in BUILTIN_DATASETS:
+        return _files([sample.path for sample in open_dataset(source).test])
     if source.isdigit():
         return _capture(int(source), f"--camera {source}")
     path = Path(source)
     if path.is_dir():
-        return _folder(path)
+        return _files(list_images(path))
     if path.is_file() or "://" in source:
         return _capture(source, f"--source {source}")
     raise InspectError(f"--source {source}: no such file, folder or camera")
 
 
-def _folder(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
-    for path in list_images(folder):
+def _files(paths: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    for path in paths:
         try:
             yield path.name, read_image(path)
         except InspectError as error:
