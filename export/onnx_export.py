@@ -53,7 +53,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
 
 def export_onnx(model: torch.nn.Module, path: Path, size: tuple[int, int], opset: int) -> None:
     example = torch.zeros(2, *size, 3, dtype=torch.uint8)
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (example,), str(path), dynamo=False, opset_version=opset,

@@ -54,18 +54,28 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
+def readable_images(paths: list[Path]) -> list[Path]:
+    """The paths that decode as images; the others are named in a warning."""
+    return [path for path, _ in _decodable(paths)]
+
+
+def _decodable(paths: list[Path]):
+    for path in paths:
+        try:
+            yield path, read_image(path)
+        except InspectError as error:
+            warn(f"skipped {error}")
+
+
 def load_resized(paths: list[Path], size: tuple[int, int], progress=None) -> tuple[np.ndarray, list[Path]]:
     """Read and resize images into one uint8 (N, H, W, 3) array; unreadable files are skipped with a warning.
 
     Returns the array and the paths that were read; fails when none could be read. `progress(1)` per file.
     """
     images, kept = [], []
-    for path in paths:
-        try:
-            images.append(resize(read_image(path), size))
-            kept.append(path)
-        except InspectError as error:
-            warn(f"skipped {error}")
+    for path, image in _decodable(paths):
+        images.append(resize(image, size))
+        kept.append(path)
         if progress is not None:
             progress(1)
     if not images:

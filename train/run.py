@@ -12,7 +12,7 @@ import torch
 from edgeinspect.runtime.console import InspectError, progress_bar
 from edgeinspect.runtime.datasets import Dataset, split_fit_validation
 from edgeinspect.runtime.files import atomic_write_bytes, atomic_write_json
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.images import load_resized, readable_images
 
 from .patchcore import (MemoryBank, PatchCore, PatchCoreConfig, bank_neighbours, build_patchcore, extract_patches,
                         greedy_coreset, random_projection)
@@ -28,6 +28,7 @@ def train_patchcore(config: PatchCoreConfig, dataset: Dataset, out: Path, val_fr
     if not 0 < config.coreset_ratio <= 1:
         raise InspectError(f"--coreset-ratio must be in (0, 1], got {config.coreset_ratio}")
     fit_paths, validation_paths = split_fit_validation(dataset.good, val_fraction, config.seed)
+    validation_paths = readable_images(validation_paths)  # calibration must not discover bad files later
     timings = {}
     started = time.perf_counter()
     with progress_bar() as bar:
