@@ -56,15 +56,18 @@ def list_images(folder: Path) -> list[Path]:
 
 def readable_images(paths: list[Path]) -> list[Path]:
     """The paths that decode as images; the others are named in a warning."""
-    return [path for path, _ in _decodable(paths)]
+    return [path for path, _ in decodable(paths)]
 
 
-def _decodable(paths: list[Path]):
+def decodable(paths: list[Path], progress=None):
+    """(path, RGB image) for each path that decodes; the others are named in a warning. `progress(1)` per path."""
     for path in paths:
         try:
             yield path, read_image(path)
         except InspectError as error:
             warn(f"skipped {error}")
+        if progress is not None:
+            progress(1)
 
 
 def load_resized(paths: list[Path], size: tuple[int, int], progress=None) -> tuple[np.ndarray, list[Path]]:
@@ -73,11 +76,9 @@ def load_resized(paths: list[Path], size: tuple[int, int], progress=None) -> tup
     Returns the array and the paths that were read; fails when none could be read. `progress(1)` per file.
     """
     images, kept = [], []
-    for path, image in _decodable(paths):
+    for path, image in decodable(paths, progress):
         images.append(resize(image, size))
         kept.append(path)
-        if progress is not None:
-            progress(1)
     if not images:
         raise InspectError(f"none of the {len(paths)} files could be read as images")
     return np.stack(images), kept

@@ -9,8 +9,8 @@ import numpy as np
 
 from .backends import open_backend
 from .bundle import Bundle
-from .console import InspectError, warn
-from .images import read_image, resize
+from .console import InspectError
+from .images import decodable, resize
 from .regions import Region, find_regions
 
 
@@ -54,12 +54,7 @@ class Inspector:
         """(path, original RGB image, map, score) per readable file; unreadable files are skipped with a warning."""
         readable = 0
         for start in range(0, len(paths), batch_size):
-            loaded = []
-            for path in paths[start:start + batch_size]:
-                try:
-                    loaded.append((path, read_image(path)))
-                except InspectError as error:
-                    warn(f"skipped {error}")
+            loaded = list(decodable(paths[start:start + batch_size]))
             if loaded:
                 maps, scores = self.infer(np.stack([self.prepare(image) for _, image in loaded]))
                 readable += len(loaded)
