@@ -68,12 +68,12 @@ def bundle_record(run: dict, opset: int, size: tuple[int, int]) -> dict:
     return {
         "format_version": BUNDLE_FORMAT_VERSION,
         "model": run["model"],
-        "backbone": run["config"]["backbone"],
+        "backbone": run["config"].get("backbone"),
         "model_file": MODEL_FILE,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "color": "RGB",
                   "size": list(size), "channels": 3},
         "preprocessing": {
-            "outside_graph": "decode, grayscale to 3 channels, RGB order, resize (area when shrinking)",
+            "outside_graph": "decode, grayscale to 3 channels, RGB order, antialiased bilinear resize (Pillow)",
             "inside_graph": {"scale": 1 / 255, **run["normalization"]},
         },
         "outputs": OUTPUT_NAMES,

@@ -7,7 +7,7 @@ from edgeinspect.calibration.evaluate import evaluate
 from edgeinspect.export.onnx_export import export_bundle
 from edgeinspect.runtime.datasets import Dataset, open_dataset
 from edgeinspect.train.patchcore import PatchCoreConfig
-from edgeinspect.train.run import train_patchcore
+from edgeinspect.train.run import train_model
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_patchcore_on_a_bottle_subset_detects_real_defects(bottle, tmp_path):
     rng = np.random.default_rng(0)
     subset = Dataset(full.name, sorted(rng.choice(full.good, 60, replace=False)),
                      [s for i, s in enumerate(full.test) if i % 2 == 0])
-    train_patchcore(PatchCoreConfig(image_size=(192, 192)), subset, tmp_path)
+    train_model("patchcore", PatchCoreConfig(image_size=(192, 192)), subset, tmp_path)
     result = evaluate(export_bundle(tmp_path), subset)
     overall = result["metrics"]["overall"]
     assert overall["image_auroc"] >= 0.95

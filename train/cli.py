@@ -1,6 +1,7 @@
-"""inspect-train: learn what good parts look like from good images only."""
+"""inspect-train: learn what good parts look like from good images only, one sub-command per model kind."""
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -8,6 +9,21 @@ from edgeinspect.runtime.console import InspectError, console, one_line_errors
 from edgeinspect.runtime.datasets import open_dataset
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+
+Data = Annotated[str, typer.Option("--data", help="MVTec AD category folder, a folder of good images, or elpv.")]
+Out = Annotated[Path, typer.Option("--out", help="Run folder to write (model.pt, run.json).")]
+Backbone = Annotated[str, typer.Option("--backbone", help="tf_efficientnet_lite0 (offline weights), resnet18 or "
+                                                          "wide_resnet50_2.")]
+Weights = Annotated[Path, typer.Option("--weights", help="Backbone state dict file, instead of the ImageNet weights.")]
+ImageSize = Annotated[str, typer.Option("--image-size", help="Model input size, N or HxW.")]
+ValFraction = Annotated[float, typer.Option("--val-fraction", help="Good images held out for validation and "
+                                                                   "calibration.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the validation split and of every random choice.")]
+Epochs = Annotated[int, typer.Option("--epochs", help="Most epochs to train.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per optimisation step.")]
+LearningRate = Annotated[float, typer.Option("--lr", help="Learning rate.")]
+Patience = Annotated[int, typer.Option("--patience", help="Stop after this many epochs without a better "
+                                                          "validation loss.")]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -20,30 +36,78 @@ def parse_size(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+def train_and_report(kind: str, config, data: str, out: Path, val_fraction: float, weights: Path | None) -> None:
+    from edgeinspect.train.run import train_model
+
+    record = train_model(kind, config, open_dataset(data), out, val_fraction, weights)
+    fitted = f"{record['data']['n_fit']} images ({record['data']['n_validation']} held out)"
+    training = record.get("training")
+    if training:
+        console.print(f"best epoch {training['best_epoch']} of {training['epochs_run']} "
+                      f"(validation loss {training['best_validation_loss']:.4g}; stopped: {training['stopped']})")
+    if "memory_bank" in record:
+        bank = record["memory_bank"]
+        console.print(f"memory bank {bank['entries']} × {bank['dim']} from {bank['patches']} patches")
+    console.print(f"{kind} fitted on {fitted} in {record['timings']['total_s']:.1f} s; run written to {out}; "
+                  f"next: inspect-export {out}")
+
+
 @app.command()
 @one_line_errors
-def patchcore(
-    data: str = typer.Option(..., "--data", help="MVTec AD category folder, a folder of good images, or elpv."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (model.pt, run.json)."),
-    backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone",
-                                 help="tf_efficientnet_lite0 (offline weights), resnet18 or wide_resnet50_2."),
-    weights: Path = typer.Option(None, "--weights", help="Backbone state dict file, instead of the ImageNet weights."),
-    image_size: str = typer.Option("256", "--image-size", help="Model input size, N or HxW."),
-    coreset_ratio: float = typer.Option(0.01, "--coreset-ratio", help="Fraction of patches kept in the memory bank."),
-    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Good images held out for calibration."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the validation split, projection and coreset."),
-):
+def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
+              image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0,
+              coreset_ratio: Annotated[float, typer.Option("--coreset-ratio", help="Fraction of patches kept in the "
+                                                                                   "memory bank.")] = 0.01):
     """PatchCore: a memory bank of pretrained patch features; anomaly = distance to the nearest good patch."""
     from edgeinspect.train.patchcore import PatchCoreConfig
-    from edgeinspect.train.run import train_patchcore
 
     config = PatchCoreConfig(backbone=backbone, image_size=parse_size(image_size), coreset_ratio=coreset_ratio,
                              seed=seed)
-    record = train_patchcore(config, open_dataset(data), out, val_fraction, weights)
-    bank = record["memory_bank"]
-    console.print(f"memory bank {bank['entries']} × {bank['dim']} from {bank['patches']} patches of "
-                  f"{record['data']['n_fit']} images ({record['data']['n_validation']} held out) in "
-                  f"{record['timings']['total_s']:.1f} s; run written to {out}; next: inspect-export {out}")
+    train_and_report("patchcore", config, data, out, val_fraction, weights)
+
+
+@app.command()
+@one_line_errors
+def stpm(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
+         image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0, epochs: Epochs = 100,
+         batch_size: BatchSize = 32, lr: LearningRate = 0.4, patience: Patience = 10):
+    """STPM: a student network learns the pretrained teacher's features on good parts; anomaly = where they differ."""
+    from edgeinspect.train.stpm import STPMConfig
+
+    config = STPMConfig(backbone=backbone, image_size=parse_size(image_size), seed=seed, epochs=epochs,
+                        batch_size=batch_size, learning_rate=lr, patience=patience)
+    train_and_report("stpm", config, data, out, val_fraction, weights)
+
+
+@app.command()
+@one_line_errors
+def dfr(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
+        image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0, epochs: Epochs = 100,
+        batch_size: BatchSize = 4, lr: LearningRate = 1e-4, patience: Patience = 10,
+        latent_dim: Annotated[int, typer.Option("--latent-dim", help="Autoencoder bottleneck width (default: "
+                                                                     "PCA keeping --variance-kept).")] = None,
+        variance_kept: Annotated[float, typer.Option("--variance-kept", help="Feature variance the PCA choice of "
+                                                                             "the bottleneck keeps.")] = 0.9):
+    """DFR: an autoencoder of 1×1 convolutions reconstructs regional features; anomaly = reconstruction error."""
+    from edgeinspect.train.dfr import DFRConfig
+
+    config = DFRConfig(backbone=backbone, image_size=parse_size(image_size), seed=seed, epochs=epochs,
+                       batch_size=batch_size, learning_rate=lr, patience=patience, latent_dim=latent_dim,
+                       variance_kept=variance_kept)
+    train_and_report("dfr", config, data, out, val_fraction, weights)
+
+
+@app.command()
+@one_line_errors
+def autoencoder(data: Data, out: Out, image_size: ImageSize = "256", val_fraction: ValFraction = 0.2,
+                seed: Seed = 0, epochs: Epochs = 100, batch_size: BatchSize = 16, lr: LearningRate = 1e-3,
+                patience: Patience = 10):
+    """Naive baseline: a convolutional autoencoder on pixels; anomaly = pixel reconstruction error."""
+    from edgeinspect.train.autoencoder import AutoencoderConfig
+
+    config = AutoencoderConfig(image_size=parse_size(image_size), seed=seed, epochs=epochs, batch_size=batch_size,
+                               learning_rate=lr, patience=patience)
+    train_and_report("autoencoder", config, data, out, val_fraction, None)
 
 
 @app.callback()

@@ -2,18 +2,24 @@
 locally aware patch features → greedy coreset memory bank → nearest-neighbour distances → reweighted
 image score and a smoothed anomaly map. The whole forward pass exports to one ONNX graph."""
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rich.progress import Progress
 from torch import nn
 
+from edgeinspect.runtime.console import InspectError
+
 from .backbones import FeatureExtractor, Normalization, create_feature_extractor
+from .configs import ModelConfig
+from .fitting import map_in_batches
 from .layers import GaussianSmoothing, ImageInput, upsample
 
 
 @dataclass(frozen=True)
-class PatchCoreConfig:
+class PatchCoreConfig(ModelConfig):
     backbone: str = "tf_efficientnet_lite0"
     strides: tuple[int, ...] = (8, 16)  # two mid-level stages
     image_size: tuple[int, int] = (256, 256)
@@ -23,13 +29,9 @@ class PatchCoreConfig:
     sigma: float = 4.0
     seed: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, record: dict) -> "PatchCoreConfig":
-        record = dict(record, strides=tuple(record["strides"]), image_size=tuple(record["image_size"]))
-        return cls(**record)
+    def __post_init__(self):
+        if not 0 < self.coreset_ratio <= 1:
+            raise InspectError(f"--coreset-ratio must be in (0, 1], got {self.coreset_ratio}")
 
 
 class PatchEmbedding(nn.Module):
@@ -157,14 +159,42 @@ def build_patchcore(config: PatchCoreConfig, bank: torch.Tensor, neighbours: tor
     return PatchCore(extractor, normalization, MemoryBank(bank, neighbours), config.sigma).eval()
 
 
-@torch.inference_mode()
+def restore_patchcore(config: PatchCoreConfig, state: dict) -> PatchCore:
+    model = build_patchcore(config, state["memory.bank"], state["memory.neighbours"], pretrained=False)
+    model.load_state_dict(state)
+    return model
+
+
+def fit_patchcore(config: PatchCoreConfig, fit_images: np.ndarray, validation_images: np.ndarray,
+                  weights, bar: Progress, checkpoint) -> tuple[PatchCore, PatchCoreConfig, dict]:
+    """Memory bank from the fit images (no gradient training, so the validation images are not needed)."""
+    model = build_patchcore(config, torch.zeros(1, 1), torch.zeros(1, 1), weights)
+    timings = {}
+    task = bar.add_task("patch features", total=len(fit_images))
+    clock = time.perf_counter()
+    patches = extract_patches(model, fit_images, progress=lambda n: bar.advance(task, n))
+    timings["features_s"] = time.perf_counter() - clock
+
+    size = max(1, round(config.coreset_ratio * len(patches)))
+    task = bar.add_task(f"coreset {size} of {len(patches)} patches", total=size)
+    clock = time.perf_counter()
+    projected = random_projection(patches, config.projection_dim, config.seed)
+    chosen = greedy_coreset(projected, size, config.seed, progress=lambda n: bar.advance(task, n))
+    bar.update(task, completed=size)
+    timings["coreset_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    bank = patches[chosen].contiguous()
+    model.memory = MemoryBank(bank, bank_neighbours(bank, config.num_neighbours))
+    timings["neighbours_s"] = time.perf_counter() - clock
+    details = {"memory_bank": {"entries": int(bank.shape[0]), "dim": int(bank.shape[1]), "patches": int(len(patches))},
+               "timings": {k: round(v, 2) for k, v in timings.items()}}
+    return model, config, details
+
+
 def extract_patches(model: PatchCore, images: np.ndarray, batch_size: int = 16, progress=None) -> torch.Tensor:
     """Patch features (N·h·w, C) of uint8 images (N, H, W, 3)."""
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start:start + batch_size])
+    def patches(batch: torch.Tensor) -> torch.Tensor:
         embedding = model.embed(batch)
-        chunks.append(embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]))
-        if progress is not None:
-            progress(len(batch))
-    return torch.cat(chunks)
+        return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+    return map_in_batches(patches, images, batch_size, progress)[0]

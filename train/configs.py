@@ -1,0 +1,45 @@
+"""Model configurations: frozen dataclasses that round-trip through run.json and bundle.json."""
+
+import dataclasses
+import typing
+
+from edgeinspect.runtime.console import InspectError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Base of every model's configuration; JSON lists come back as tuples and unknown keys are refused."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict):
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - names)
+        if unknown:
+            raise InspectError(f"{cls.__name__}: unknown setting(s) {', '.join(unknown)} (made by a newer version?)")
+        values = {}
+        for key, value in record.items():
+            is_tuple = typing.get_origin(hints[key]) is tuple
+            values[key] = tuple(value) if is_tuple else value
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientConfig(ModelConfig):
+    """Settings of a model with learned weights; the validation split picks the best epoch."""
+
+    epochs: int = 100
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 10  # stop when the validation loss has not improved for this many epochs
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise InspectError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise InspectError(f"--lr must be positive, got {self.learning_rate}")

@@ -1,0 +1,97 @@
+"""Gradient training shared by the models with learned weights (STPM, DFR, the autoencoder): seeded
+mini-batches, a validation loss on the held-out good images after every epoch, the best epoch kept,
+early stopping, and Ctrl-C that stops training but keeps the best weights so far."""
+
+import time
+from typing import Callable
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from .configs import GradientConfig
+
+Loss = Callable[..., torch.Tensor]  # mini-batch tensors → mean loss of the batch
+
+
+def map_in_batches(function: Callable, images, batch_size: int = 16, progress=None) -> list[torch.Tensor]:
+    """Apply `function` (uint8 image batch → tensor or list of tensors) to uint8 images (N, H, W, 3) in
+    batches without gradients; returns each output concatenated over all images."""
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.as_tensor(images[start:start + batch_size])
+            result = function(batch)
+            outputs.append(list(result) if isinstance(result, (list, tuple)) else [result])
+            if progress is not None:
+                progress(len(batch))
+    return [torch.cat(parts) for parts in zip(*outputs)]
+
+
+def batches(count: int, batch_size: int, generator: torch.Generator | None = None):
+    """Index tensors covering range(count), shuffled when a generator is given; a trailing batch of one is
+    merged into the previous batch (BatchNorm cannot train on a single sample)."""
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    starts = list(range(0, count, batch_size))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    ends = starts[1:] + [count]
+    return [order[start:end] for start, end in zip(starts, ends)]
+
+
+def mean_loss(loss: Loss, data: tuple[torch.Tensor, ...], batch_size: int) -> float:
+    """The loss over a whole data set, without gradients."""
+    total, count = 0.0, len(data[0])
+    with torch.no_grad():
+        for index in batches(count, batch_size):
+            total += float(loss(*(tensor[index] for tensor in data))) * len(index)
+    return total / count
+
+
+def fit_by_gradient(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimizer, fit: tuple[torch.Tensor, ...],
+                    validation: tuple[torch.Tensor, ...], config: GradientConfig, bar: Progress,
+                    on_best: Callable[[dict], None]) -> dict:
+    """Train until `config.epochs`, early stopping or Ctrl-C; load the weights of the best validation epoch.
+
+    `on_best(summary)` is called whenever the validation loss improves, so a checkpoint can be written.
+    Returns the summary: epochs run, best epoch and loss, why it stopped, per-epoch history and timings.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    task = bar.add_task("epochs", total=config.epochs)
+    summary = {"epochs_run": 0, "best_epoch": None, "best_validation_loss": float("inf"), "stopped": "epochs",
+               "train_s": 0.0, "validation_s": 0.0, "history": []}
+    best_state = None
+    try:
+        for epoch in range(1, config.epochs + 1):
+            clock = time.perf_counter()
+            model.train()
+            train_total = 0.0
+            for index in batches(len(fit[0]), config.batch_size, generator):
+                optimizer.zero_grad(set_to_none=True)
+                value = loss(*(tensor[index] for tensor in fit))
+                value.backward()
+                optimizer.step()
+                train_total += float(value.detach()) * len(index)
+            summary["train_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            model.eval()
+            validation_loss = mean_loss(loss, validation, config.batch_size)
+            summary["validation_s"] += time.perf_counter() - clock
+            train_loss = train_total / len(fit[0])
+            summary["epochs_run"] = epoch
+            summary["history"].append({"epoch": epoch, "train_loss": train_loss, "validation_loss": validation_loss})
+            bar.update(task, advance=1, description=f"epoch {epoch}: train {train_loss:.4g}, "
+                                                    f"validation {validation_loss:.4g}")
+            if validation_loss < summary["best_validation_loss"]:
+                summary.update(best_epoch=epoch, best_validation_loss=validation_loss)
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                on_best(summary)
+            elif epoch - summary["best_epoch"] >= config.patience:
+                summary["stopped"] = "early"
+                break
+    except KeyboardInterrupt:
+        summary["stopped"] = "interrupted"
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    summary["train_s"], summary["validation_s"] = round(summary["train_s"], 2), round(summary["validation_s"], 2)
+    return summary
