@@ -25,9 +25,12 @@ def calibrate_command(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by inspect-export."),
     images: Path = typer.Option(None, "--images", help="Folder of good images captured on the line "
                                 "(default: the held-out validation images recorded at training)."),
-    k: float = typer.Option(3.0, "--k", help="Threshold = mean + k × standard deviation of good scores."),
+    method: str = typer.Option("sigma", "--method", help="sigma: threshold = μ + k·σ of the good scores; "
+                                "quantile: the (1 − fpr) quantile (for scores far from normal)."),
+    k: float = typer.Option(3.0, "--k", help="k of the sigma method."),
+    fpr: float = typer.Option(0.01, "--fpr", help="False-alarm rate on good images of the quantile method."),
 ):
-    """Set the image and pixel thresholds at μ + k·σ of held-out good images, run through the bundle itself."""
+    """Set the image and pixel thresholds from held-out good images, run through the bundle itself."""
     bundle = load_bundle(bundle_dir)
     if images is not None:
         paths, source = list_images(images), str(images)
@@ -37,11 +40,15 @@ def calibrate_command(
         if missing:
             raise InspectError(f"{missing[0]}: validation image not found ({len(missing)} missing); "
                                "pass --images with a folder of good images")
-    thresholds = calibrate(bundle, paths, k, source)
+    thresholds = calibrate(bundle, paths, k, source, method, fpr)
+    rule = f"μ + {k:g}σ" if method == "sigma" else f"{1 - fpr:g} quantile"
+    table = Table("level", "n", "μ", "σ", "rule", "threshold", "good above it",
+                  title=f"calibration on {len(paths)} good images ({source})")
     for level in ("image", "pixel"):
         t = thresholds[level]
-        console.print(f"{level} threshold {t['threshold']:.4f} = {t['mean']:.4f} + {k:g} × {t['std']:.4f} "
-                      f"(n = {t['n']})")
+        table.add_row(level, str(t["n"]), f"{t['mean']:.4g}", f"{t['std']:.4g}", rule, f"{t['threshold']:.4g}",
+                      f"{100 * t['fraction_above']:.2f}%")
+    console.print(table)
     console.print(f"written to {bundle.path / 'bundle.json'}")
 
 

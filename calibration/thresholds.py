@@ -1,15 +1,20 @@
-"""μ + k·σ thresholds from scores of held-out good images, measured through the bundle itself."""
+"""Thresholds from scores of held-out good images, measured through the bundle itself: μ + k·σ (the
+default), or the (1 − fpr) quantile when the scores are far from normal."""
 
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from edgeinspect.runtime.bundle import Bundle
 from edgeinspect.runtime.console import InspectError, progress_bar, warn
 from edgeinspect.runtime.inspector import Inspector
 
 MIN_IMAGES = 10
+METHODS = {"sigma": "mean+k*std", "quantile": "quantile"}  # option value → name stored in bundle.json
+PIXELS_PER_IMAGE = 16384  # evenly strided sample of each map, for pixel quantiles and exceedance rates
+NORMALITY_P = 0.01  # Shapiro-Wilk p-value below which the μ+kσ rule is flagged
 
 
 class RunningMoments:
@@ -24,32 +29,71 @@ class RunningMoments:
         self.total += values.sum()
         self.total_sq += (values**2).sum()
 
-    def summary(self, k: float) -> dict:
-        mean = self.total / self.n
-        std = float(np.sqrt(max(self.total_sq / self.n - mean**2, 0.0)))
-        return {"n": self.n, "mean": mean, "std": std, "k": k, "threshold": mean + k * std}
+    @property
+    def mean(self) -> float:
+        return self.total / self.n
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(max(self.total_sq / self.n - self.mean**2, 0.0)))
 
 
-def calibrate(bundle: Bundle, images: list[Path], k: float = 3.0, source: str = "validation") -> dict:
-    """Store image and pixel thresholds at μ + k·σ in bundle.json (atomically) and return them."""
+def threshold_summary(moments: RunningMoments, sample: np.ndarray, method: str, k: float, fpr: float) -> dict:
+    """n, μ, σ, the threshold by `method`, and the fraction of the (sampled) good values above it."""
+    if method == "sigma":
+        rule, threshold = {"k": k}, moments.mean + k * moments.std
+    else:
+        rule, threshold = {"fpr": fpr}, float(np.quantile(sample, 1 - fpr))
+    return {"n": moments.n, "mean": moments.mean, "std": moments.std, **rule, "threshold": threshold,
+            "fraction_above": float(np.mean(sample > threshold))}
+
+
+def normality(scores: np.ndarray) -> dict:
+    """Shapiro-Wilk test of the image scores: the μ+kσ rule's false-alarm rate assumes a normal distribution."""
+    if len(scores) < 3 or np.ptp(scores) == 0:
+        return {"test": "shapiro-wilk", "p": None}
+    result = stats.shapiro(scores)
+    return {"test": "shapiro-wilk", "p": float(result.pvalue), "skewness": float(stats.skew(scores))}
+
+
+def calibrate(bundle: Bundle, images: list[Path], k: float = 3.0, source: str = "validation",
+              method: str = "sigma", fpr: float = 0.01) -> dict:
+    """Store image and pixel thresholds in bundle.json (atomically) and return them."""
+    if method not in METHODS:
+        raise InspectError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if k <= 0:
         raise InspectError(f"--k must be positive, got {k}")
+    if not 0 < fpr < 1:
+        raise InspectError(f"--fpr must be between 0 and 1, got {fpr}")
     inspector = Inspector(bundle)
-    image_scores, pixels = RunningMoments(), RunningMoments()
+    scores, pixels, pixel_sample = [], RunningMoments(), []
     with progress_bar() as bar:
         task = bar.add_task("calibrating", total=len(images))
         for _, _, anomaly_map, score in inspector.infer_files(images, progress=lambda n: bar.advance(task, n)):
-            image_scores.add(score)
+            scores.append(float(score))
             pixels.add(anomaly_map)
-    if image_scores.n < MIN_IMAGES:
-        warn(f"only {image_scores.n} good images for calibration: the μ+{k:g}σ threshold is a rough estimate; "
+            pixel_sample.append(anomaly_map.ravel()[::max(1, anomaly_map.size // PIXELS_PER_IMAGE)])
+    scores = np.array(scores)
+    if len(scores) < MIN_IMAGES:
+        warn(f"only {len(scores)} good images for calibration: the threshold is a rough estimate; "
              f"use at least {MIN_IMAGES}")
+    if method == "quantile" and len(scores) * fpr < 1:
+        warn(f"{len(scores)} images cannot resolve --fpr {fpr:g} at image level: the threshold is the highest "
+             f"good score; use at least {int(np.ceil(1 / fpr))} images")
+    image_moments = RunningMoments()
+    image_moments.add(scores)
+    normal = normality(scores)
+    if method == "sigma" and normal["p"] is not None and normal["p"] < NORMALITY_P:
+        warn(f"good image scores are far from normal (Shapiro-Wilk p = {normal['p']:.2g}, skewness "
+             f"{normal['skewness']:.2f}): μ+{k:g}σ may not give the expected false-alarm rate; "
+             f"consider --method quantile --fpr 0.01")
     thresholds = {
-        "method": "mean+k*std",
+        "method": METHODS[method],
         "source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "image": image_scores.summary(k),
-        "pixel": {**pixels.summary(k), "n_images": image_scores.n},
+        "image": {**threshold_summary(image_moments, scores, method, k, fpr), "normality": normal},
+        "pixel": {**threshold_summary(pixels, np.concatenate(pixel_sample), method, k, fpr),
+                  "n_images": len(scores)},
     }
     bundle.record["thresholds"] = thresholds
     bundle.save()

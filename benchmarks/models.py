@@ -1,0 +1,180 @@
+"""Every model kind on one data set, end to end through the commands a user runs: inspect-train,
+inspect-export, inspect-calibrate and inspect-eval; then ONNX Runtime vs PyTorch parity on every test image,
+per-frame latency on each available backend and in PyTorch eager mode, and the bundle size. Writes a JSON
+record and rewrites the generated table of BENCHMARKS.md.
+
+    python benchmarks/models.py --data ../shared/data/mvtec_ad/bottle --work /tmp/bench
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeinspect.runtime.backends import BACKENDS, open_backend
+from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.datasets import open_dataset
+from edgeinspect.runtime.images import load_resized
+from edgeinspect.train.patchcore import extract_patches, greedy_coreset, random_projection
+from edgeinspect.train.registry import MODEL_KINDS
+from edgeinspect.train.run import load_run
+
+TABLE_BEGIN, TABLE_END = "<!-- models table: begin -->", "<!-- models table: end -->"
+
+
+def timed(command: list) -> float:
+    clock = time.perf_counter()
+    subprocess.run([str(part) for part in command], check=True)
+    return time.perf_counter() - clock
+
+
+def median_ms(call, runs: int = 30, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        clock = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - clock)
+    return round(1000 * statistics.median(times), 2)
+
+
+def parity_on_test_images(model, bundle, paths: list[Path]) -> float:
+    """Worst |ONNX Runtime − PyTorch| over maps and scores, relative to each batch's map range."""
+    backend, worst = open_backend(bundle, "ort-cpu"), 0.0
+    for start in range(0, len(paths), 8):
+        images, _ = load_resized(paths[start:start + 8], bundle.input_size)
+        with torch.inference_mode():
+            torch_maps, torch_scores = model(torch.from_numpy(images))
+        ort_maps, ort_scores = backend(images)
+        diff = max(np.abs(ort_maps - torch_maps[:, 0].numpy()).max(), np.abs(ort_scores - torch_scores.numpy()).max())
+        worst = max(worst, float(diff) / float(torch_maps.max() - torch_maps.min()))
+    return worst
+
+
+def latencies(model, bundle, threads: int) -> dict:
+    """Median ms per 1-image batch: each backend that can open here, and the same model in PyTorch eager."""
+    frame = np.random.default_rng(0).integers(0, 256, (1, *bundle.input_size, 3), dtype=np.uint8)
+    result = {}
+    for name in BACKENDS:
+        try:
+            backend = open_backend(bundle, name, threads)
+        except Exception as error:  # a backend whose library or device is missing here
+            result[name] = f"unavailable: {error}"
+            continue
+        result[name] = median_ms(lambda: backend(frame))
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        tensor = torch.from_numpy(frame)
+        result["pytorch-eager"] = median_ms(lambda: model(tensor))
+    return result
+
+
+def coreset_seconds(run_dir: Path, ratio: float) -> dict:
+    """The greedy coreset alone at another ratio, on the same patches."""
+    model, run = load_run(run_dir)
+    images, _ = load_resized([Path(p) for p in run["data"]["fit"]], tuple(run["config"]["image_size"]))
+    patches = extract_patches(model, images)
+    clock = time.perf_counter()
+    projected = random_projection(patches, run["config"]["projection_dim"], run["config"]["seed"])
+    greedy_coreset(projected, round(ratio * len(patches)), run["config"]["seed"])
+    return {"ratio": ratio, "patches": len(patches), "seconds": round(time.perf_counter() - clock, 1)}
+
+
+def benchmark(kind: str, data: str, work: Path, threads: int, extra: list[str]) -> dict:
+    run_dir = work / kind
+    train_s = timed(["inspect-train", kind, "--data", data, "--out", run_dir, *extra])
+    export_s = timed(["inspect-export", run_dir])
+    timed(["inspect-calibrate", run_dir / "bundle"])
+    timed(["inspect-eval", run_dir / "bundle", "--data", data, "--out", work / f"{kind}-eval.json"])
+    overall = json.loads((work / f"{kind}-eval.json").read_text())["metrics"]["overall"]
+    model, run = load_run(run_dir)
+    bundle = load_bundle(run_dir / "bundle")
+    result = {
+        "model": kind, "train_args": extra, "train_s": round(train_s, 1), "export_s": round(export_s, 1),
+        "run": {k: run[k] for k in ("config", "timings", "memory_bank", "training") if k in run},
+        "metrics": {k: overall[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max") if k in overall},
+        "at_threshold": overall.get("at_threshold"),
+        "thresholds": bundle.thresholds,
+        "parity_worst": parity_on_test_images(model, bundle, [s.path for s in open_dataset(data).test]),
+        "latency_ms": latencies(model, bundle, threads),
+        "bundle_mb": round(sum(f["bytes"] for f in bundle.record["files"].values()) / 1e6, 1),
+    }
+    if kind == "patchcore":
+        result["coreset_10_percent"] = coreset_seconds(run_dir, 0.1)
+    if "training" in run:
+        result["run"]["training"].pop("history")
+    return result
+
+
+def markdown_table(results: list[dict]) -> str:
+    backends = list(BACKENDS)
+    head = ["model", "image AUROC", "pixel AUROC", "AUPRO", "F1-max", "at μ+3σ: precision / recall",
+            "train s (epochs)", "export s", *[f"{b} ms/frame" for b in backends], "PyTorch eager ms/frame",
+            "bundle MB"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        m, at, training = r["metrics"], r["at_threshold"] or {}, r["run"].get("training")
+        epochs = f" ({training['epochs_run']}, best {training['best_epoch']})" if training else ""
+        latency = [f"{r['latency_ms'][b]:.1f}" if isinstance(r["latency_ms"][b], float) else "n/a" for b in backends]
+        rows.append("| " + " | ".join([
+            " ".join([r["model"], *r["train_args"]]), f"{m['image_auroc']:.3f}", f"{m.get('pixel_auroc', float('nan')):.4f}",
+            f"{m.get('aupro', float('nan')):.3f}", f"{m['f1_max']:.3f}",
+            f"{at.get('precision', float('nan')):.3f} / {at.get('recall', float('nan')):.3f}",
+            f"{r['train_s']:.0f}{epochs}", f"{r['export_s']:.0f}", *latency,
+            f"{r['latency_ms']['pytorch-eager']:.1f}", f"{r['bundle_mb']:.1f}",
+        ]) + " |")
+    return "\n".join(rows)
+
+
+def update_benchmarks_md(path: Path, header: str, table: str) -> None:
+    text = path.read_text()
+    block = f"{TABLE_BEGIN}\n{header}\n\n{table}\n{TABLE_END}"
+    pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path}: no generated-table markers {TABLE_BEGIN} … {TABLE_END}")
+    path.write_text(pattern.sub(lambda _: block, text))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/results/work"))
+    parser.add_argument("--models", default=",".join(MODEL_KINDS), help="comma-separated model kinds")
+    parser.add_argument("--train-args", action="append", default=[], metavar="KIND=ARGS",
+                        help='extra inspect-train options for one kind, e.g. stpm="--epochs 30"')
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models.json"))
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    args = parser.parse_args()
+    extra = {kind: value.split() for kind, value in (item.split("=", 1) for item in args.train_args)}
+    kinds = args.models.split(",")
+    unknown = set(kinds) - set(MODEL_KINDS)
+    if unknown:
+        raise SystemExit(f"--models: unknown kind(s) {', '.join(sorted(unknown))}")
+    # results of kinds not run this time are kept, so one kind can be re-measured alone
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else []
+    results = {r["model"]: r for r in previous if r["model"] in MODEL_KINDS}
+    for kind in kinds:
+        results[kind] = benchmark(kind, args.data, args.work, args.threads, extra.get(kind, []))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps([results[k] for k in MODEL_KINDS if k in results], indent=2))
+    results = [results[k] for k in MODEL_KINDS if k in results]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    header = (f"Generated {time.strftime('%Y-%m-%d')} by `python benchmarks/models.py --data {args.data}` on "
+              f"{machine} (options other than the defaults are shown after the model); latency: batch 1, "
+              f"{args.threads} threads, median of 30.")
+    update_benchmarks_md(args.markdown, header, markdown_table(results))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
