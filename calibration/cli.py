@@ -12,7 +12,7 @@ from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.files import atomic_write_json
 from edgeinspect.runtime.images import list_images
 
-from .evaluate import METRIC_COLUMNS, evaluate, metrics_rows
+from .evaluate import METRIC_COLUMNS, evaluate, metrics_rows, predict
 from .thresholds import calibrate
 
 calibrate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -59,11 +59,15 @@ def eval_command(
     data: str = typer.Option(..., "--data", help="MVTec AD category folder, or a built-in name (elpv)."),
     out: Path = typer.Option(None, "--out", help="Where to write the metrics JSON (default: BUNDLE/eval.json)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per inference call."),
+    report: Path = typer.Option(None, "--report", help="Folder to write report.html into: metrics, curves, "
+                                "score histograms and a gallery of misses, false alarms and detections."),
 ):
     """Image AUROC, pixel AUROC, AUPRO, F1-max and precision/recall/accuracy at the calibrated threshold,
     per defect type and overall (pixel metrics only where the data set has ground-truth masks)."""
     bundle = load_bundle(bundle_dir)
-    result = evaluate(bundle, open_dataset(data), batch_size)
+    dataset = open_dataset(data)
+    predictions = predict(bundle, dataset, batch_size)
+    result = evaluate(bundle, predictions, dataset.name)
     table = Table(*METRIC_COLUMNS, title=f"{result['dataset']}: {result['n_images']} test images")
     for row in metrics_rows(result):
         table.add_row(*row)
@@ -71,6 +75,10 @@ def eval_command(
     out = out or bundle.path / "eval.json"
     atomic_write_json(out, result)
     console.print(f"metrics written to {out}")
+    if report is not None:
+        from .report import write_report
+
+        console.print(f"report written to {write_report(report, bundle, dataset, predictions, result)}")
 
 
 def calibrate_main():

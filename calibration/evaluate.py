@@ -1,6 +1,7 @@
 """Evaluate a bundle on a labelled test set through the runtime: image AUROC, pixel AUROC, AUPRO, F1-max and
 the verdicts at the calibrated threshold, per defect type and overall."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -27,31 +28,53 @@ def read_mask(sample: TestSample, image_shape: tuple[int, int], map_shape: tuple
     return cv2.resize(mask, map_shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
 
 
-def evaluate(bundle: Bundle, dataset: Dataset, batch_size: int = 8) -> dict:
+@dataclass
+class Predictions:
+    """What the bundle said about every readable test image (masks only where the data set has them)."""
+
+    paths: list[Path]
+    types: np.ndarray
+    scores: np.ndarray
+    maps: np.ndarray  # (N, H, W) at the model's input size
+    masks: np.ndarray | None
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.types != GOOD
+
+
+def predict(bundle: Bundle, dataset: Dataset, batch_size: int = 8) -> Predictions:
     if not dataset.test:
         raise InspectError(f"--data {dataset.name}: no test images (an MVTec AD layout has test/<type>/)")
     inspector = Inspector(bundle)
     by_path = {sample.path: sample for sample in dataset.test}
     with_masks = dataset.has_masks
-    types, scores, maps, masks = [], [], [], []
+    paths, types, scores, maps, masks = [], [], [], [], []
     with progress_bar() as bar:
         task = bar.add_task("evaluating", total=len(by_path))
         for path, image, anomaly_map, score in inspector.infer_files(
                 list(by_path), batch_size, progress=lambda n: bar.advance(task, n)):
             sample = by_path[path]
+            paths.append(path)
             types.append(sample.defect_type)
             scores.append(score)
+            maps.append(anomaly_map)
             if with_masks:
-                maps.append(anomaly_map)
                 masks.append(read_mask(sample, image.shape[:2], anomaly_map.shape))
-    types, scores = np.array(types), np.array(scores)
-    maps, masks = (np.stack(maps), np.stack(masks)) if with_masks else (None, None)
+    return Predictions(paths, np.array(types), np.array(scores), np.stack(maps),
+                       np.stack(masks) if with_masks else None)
+
+
+def evaluate(bundle: Bundle, predictions: Predictions, dataset_name: str) -> dict:
+    """Metrics overall and per defect type (each type against all good images)."""
+    types = predictions.types
     groups = {"overall": np.ones(len(types), dtype=bool)}
     groups.update({t: (types == t) | (types == GOOD) for t in sorted(set(types) - {GOOD})})
     threshold = (bundle.thresholds or {}).get("image", {}).get("threshold")
-    results = {name: _group_metrics(types[keep] != GOOD, scores[keep], maps, masks, keep, threshold)
+    results = {name: _group_metrics(predictions.labels[keep], predictions.scores[keep], predictions.maps,
+                                    predictions.masks, keep, threshold)
                for name, keep in groups.items()}
-    return {"dataset": dataset.name, "bundle": str(bundle.path), "n_images": int(len(types)),
+    return {"dataset": dataset_name, "bundle": str(bundle.path), "n_images": int(len(types)),
             "image_threshold": threshold, "metrics": results}
 
 
@@ -62,7 +85,7 @@ def _group_metrics(labels, scores, maps, masks, keep, threshold) -> dict:
         metrics["f1_max"] = f1_max(labels, scores)["f1"]
     if threshold is not None:
         metrics["at_threshold"] = at_threshold(labels, scores, threshold)
-    if maps is not None:
+    if masks is not None:
         metrics["pixel_auroc"] = auroc(masks[keep], maps[keep])
         metrics["aupro"] = aupro(maps[keep], masks[keep])
     return metrics

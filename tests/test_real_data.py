@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edgeinspect.calibration.evaluate import evaluate
+from edgeinspect.calibration.evaluate import evaluate, predict
 from edgeinspect.export.onnx_export import export_bundle
 from edgeinspect.runtime.datasets import Dataset, open_dataset
 from edgeinspect.train.patchcore import PatchCoreConfig
@@ -17,7 +17,8 @@ def test_patchcore_on_a_bottle_subset_detects_real_defects(bottle, tmp_path):
     subset = Dataset(full.name, sorted(rng.choice(full.good, 60, replace=False)),
                      [s for i, s in enumerate(full.test) if i % 2 == 0])
     train_model("patchcore", PatchCoreConfig(image_size=(192, 192)), subset, tmp_path)
-    result = evaluate(export_bundle(tmp_path), subset)
+    bundle = export_bundle(tmp_path)
+    result = evaluate(bundle, predict(bundle, subset), subset.name)
     overall = result["metrics"]["overall"]
     assert overall["image_auroc"] >= 0.95
     assert overall["pixel_auroc"] >= 0.9
