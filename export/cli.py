@@ -1,25 +1,64 @@
-"""inspect-export: a training run → a bundle folder (model.onnx + bundle.json)."""
+"""inspect-export: a training run → a bundle folder (model.onnx + bundle.json); on a bundle, the TensorRT
+compatibility check or the engine build for this device."""
 
 from pathlib import Path
 
 import typer
 
-from edgeinspect.runtime.console import console, one_line_errors
+from edgeinspect.runtime.bundle import BUNDLE_RECORD
+from edgeinspect.runtime.console import InspectError, console, one_line_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def parse_batch_sizes(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or not 1 <= sizes[0] <= sizes[1] <= sizes[2]:
+        raise InspectError(f"--batch-sizes {text!r}: give MIN,OPT,MAX with 1 ≤ MIN ≤ OPT ≤ MAX")
+    return sizes
 
 
 @app.command()
 @one_line_errors
 def export(
-    run_dir: Path = typer.Argument(..., help="Training run folder written by inspect-train."),
+    path: Path = typer.Argument(..., help="Training run folder (written by inspect-train), or a bundle folder "
+                                "for --check / --engine."),
     out: Path = typer.Option(None, "--out", help="Bundle folder to write (default: RUN/bundle)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write an fp16 ONNX model and, where TensorRT and a GPU "
+                              "are present, an fp16 TensorRT engine (fragile layers stay fp32)."),
+    engine: bool = typer.Option(False, "--engine", help="Build the TensorRT engine on this device (fp32 unless "
+                                "--fp16)."),
+    check: bool = typer.Option(False, "--check", help="Only check a bundle's ONNX graph against TensorRT's "
+                               "support (runs on any CPU; also done at every export)."),
+    batch_sizes: str = typer.Option("1,1,8", "--batch-sizes", help="Engine optimisation profile MIN,OPT,MAX; MAX "
+                                    "also bounds the tensor-size check."),
+    workspace_mb: int = typer.Option(2048, "--workspace-mb", help="TensorRT builder workspace limit in MiB."),
 ):
-    """Export to ONNX (uint8 images in; anomaly_map and score out), check it against PyTorch, write the bundle."""
-    from .onnx_export import export_bundle
+    """Export to ONNX (uint8 images in; anomaly_map and score out), check it against PyTorch and against what
+    TensorRT accepts, and write the bundle."""
+    from .onnx_export import MODEL_FILE, EngineOptions, engine_for_bundle, export_bundle, report_tensorrt_check
 
-    bundle = export_bundle(run_dir, out, opset)
+    options = EngineOptions(fp16=fp16, build_engine=engine, batch_sizes=parse_batch_sizes(batch_sizes),
+                            workspace_mb=workspace_mb)
+    is_bundle = (path / BUNDLE_RECORD).is_file()
+    if check:
+        if not is_bundle:
+            raise InspectError(f"{path}: --check needs a bundle folder (one with {BUNDLE_RECORD})")
+        report = report_tensorrt_check(path / MODEL_FILE, options.batch_sizes[-1])
+        if not report["ok"]:
+            raise InspectError(f"{path / MODEL_FILE}: {len(report['problems'])} problem(s) for TensorRT, first: "
+                               f"{report['problems'][0]}")
+        return
+    if is_bundle:
+        if not (engine or fp16):
+            raise InspectError(f"{path} is a bundle: give --engine/--fp16 to build for this device, or --check")
+        bundle = engine_for_bundle(path, options)
+    else:
+        bundle = export_bundle(path, out, opset, engine=options)
     size_mb = sum(f["bytes"] for f in bundle.record["files"].values()) / 1e6
     console.print(f"bundle written to {bundle.path} ({size_mb:.1f} MB); next: inspect-calibrate {bundle.path}")
 

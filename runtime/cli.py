@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import typer
+from rich.markup import escape
 
 from .bundle import load_bundle
 from .console import InspectError, console, one_line_errors, warn
@@ -46,6 +47,9 @@ def run(
     if bundle.thresholds is None:
         warn(f"{bundle_dir} is not calibrated: scores only, no verdicts (run inspect-calibrate)")
     inspector = Inspector(bundle, backend, threads)
+    chosen = inspector.backend
+    console.print(escape(f"backend {chosen.name}" + "".join(f"; not {name}: {why}"
+                                                            for name, why in chosen.passed_over.items())))
     frames = open_frames(source)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"frames": 0, "NG": 0}

@@ -38,6 +38,8 @@ class AutoencoderConfig(GradientConfig):
 class PixelAutoencoder(nn.Module):
     """uint8 RGB images (B, H, W, 3) → anomaly_map (B, 1, H, W) and score (B,)."""
 
+    half_precision_modules = ("encoder", "decoder")
+
     def __init__(self, widths: tuple[int, ...], latent_channels: int):
         super().__init__()
         self.image_input = ImageInput(UNIT_RANGE)

@@ -99,6 +99,8 @@ class DFR(nn.Module):
     """uint8 RGB images (B, H, W, 3) → anomaly_map (B, 1, H, W): per-position squared reconstruction error
     summed over channels, upsampled and smoothed; score (B,): its maximum."""
 
+    half_precision_modules = ("regional.extractor", "autoencoder")
+
     def __init__(self, regional: RegionalFeatures, normalization: Normalization, autoencoder: FeatureAutoencoder,
                  sigma: float):
         super().__init__()

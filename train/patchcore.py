@@ -84,6 +84,8 @@ class MemoryBank(nn.Module):
 class PatchCore(nn.Module):
     """uint8 RGB images (B, H, W, 3) → anomaly_map (B, 1, H, W) and score (B,)."""
 
+    half_precision_modules = ("embedding.extractor",)  # fp16-tolerant; the rest stays fp32
+
     def __init__(self, extractor: FeatureExtractor, normalization: Normalization, memory: MemoryBank, sigma: float):
         super().__init__()
         self.image_input = ImageInput(normalization)

@@ -44,6 +44,8 @@ class STPM(nn.Module):
     """uint8 RGB images (B, H, W, 3) → anomaly_map (B, 1, H, W), the product of the upsampled level maps, and
     score (B,), its maximum."""
 
+    half_precision_modules = ("teacher", "student")
+
     def __init__(self, teacher: FeatureExtractor, student: FeatureExtractor, normalization: Normalization,
                  level_weights: tuple[float, ...]):
         super().__init__()
