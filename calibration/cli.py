@@ -1,6 +1,5 @@
 """inspect-calibrate and inspect-eval: thresholds and metrics measured through the bundle, without torch."""
 
-import json
 from pathlib import Path
 
 import typer

@@ -53,3 +53,25 @@ def bottle() -> Path:
     if not BOTTLE.is_dir():
         pytest.skip(f"real MVTec AD bottle data not present at {BOTTLE}")
     return BOTTLE
+
+
+QUICK_TRAINING = {"patchcore": ["--coreset-ratio", 0.25], "stpm": ["--epochs", 2], "dfr": ["--epochs", 2],
+                  "autoencoder": ["--epochs", 2]}
+
+
+@pytest.fixture(scope="session", params=list(QUICK_TRAINING))
+def kind_bundle(request, mvtec_like, tmp_path_factory) -> Path:
+    """One calibrated bundle per model kind (with its fp16 model), trained briefly on the small data set."""
+    from typer.testing import CliRunner
+
+    from edgeinspect.calibration.cli import calibrate_app
+    from edgeinspect.export.cli import app as export_app
+    from edgeinspect.train.cli import app as train_app
+
+    run_dir = tmp_path_factory.mktemp(request.param)
+    for app, args in [(train_app, [request.param, "--data", mvtec_like, "--out", run_dir, "--image-size", 64,
+                                   *QUICK_TRAINING[request.param]]),
+                      (export_app, [run_dir, "--fp16"]), (calibrate_app, [run_dir / "bundle"])]:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return run_dir / "bundle"

@@ -2,22 +2,19 @@
 
 import json
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
-from edgeinspect.calibration.cli import calibrate_app, eval_app
-from edgeinspect.export.cli import app as export_app
+from edgeinspect.calibration.cli import eval_app
 from edgeinspect.runtime.backends import OrtCpuBackend
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.images import load_resized
-from edgeinspect.train.cli import app as train_app
 from edgeinspect.train.registry import MODEL_KINDS
 from edgeinspect.train.run import load_run
 
+from conftest import QUICK_TRAINING
+
 runner = CliRunner()
-QUICK = {"patchcore": ["--coreset-ratio", 0.25], "stpm": ["--epochs", 2], "dfr": ["--epochs", 2],
-         "autoencoder": ["--epochs", 2]}
 
 
 def invoke(app, *args):
@@ -26,43 +23,33 @@ def invoke(app, *args):
     return result
 
 
-@pytest.fixture(scope="module", params=sorted(MODEL_KINDS))
-def bundle(request, mvtec_like, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp(request.param)
-    invoke(train_app, request.param, "--data", mvtec_like, "--out", run_dir, "--image-size", 64,
-           *QUICK[request.param])
-    invoke(export_app, run_dir)
-    invoke(calibrate_app, run_dir / "bundle")
-    return run_dir / "bundle"
-
-
 def test_quick_settings_cover_every_kind():
-    assert set(QUICK) == set(MODEL_KINDS)
+    assert set(QUICK_TRAINING) == set(MODEL_KINDS)
 
 
-def test_bundle_keeps_the_contract_and_parity(bundle, mvtec_like):
-    record = load_bundle(bundle).record
-    assert record["model"] == bundle.parent.name.rstrip("0123456789")
+def test_bundle_keeps_the_contract_and_parity(kind_bundle, mvtec_like):
+    record = load_bundle(kind_bundle).record
+    assert record["model"] == kind_bundle.parent.name.rstrip("0123456789")
     assert record["export"]["parity"]["relative_diff"] <= 1e-4
     images, _ = load_resized(sorted((mvtec_like / "test" / "pasted").iterdir())[:3], (64, 64))
-    maps, scores = OrtCpuBackend(load_bundle(bundle))(images)
+    maps, scores = OrtCpuBackend(load_bundle(kind_bundle))(images)
     assert maps.shape == (3, 64, 64) and scores.shape == (3,)
 
 
-def test_restored_run_reproduces_the_bundle(bundle, mvtec_like):
-    model, run = load_run(bundle.parent)
+def test_restored_run_reproduces_the_bundle(kind_bundle, mvtec_like):
+    model, run = load_run(kind_bundle.parent)
     assert run["state"] == "finished"
     images, _ = load_resized(sorted((mvtec_like / "test" / "good").iterdir())[:2], (64, 64))
     with torch.inference_mode():
         torch_maps, torch_scores = model(torch.from_numpy(images))
-    ort_maps, ort_scores = OrtCpuBackend(load_bundle(bundle))(images)
+    ort_maps, ort_scores = OrtCpuBackend(load_bundle(kind_bundle))(images)
     scale = float(torch_maps.max() - torch_maps.min())
     assert abs(ort_maps - torch_maps[:, 0].numpy()).max() <= 1e-4 * scale
     assert abs(ort_scores - torch_scores.numpy()).max() <= 1e-4 * scale
 
 
-def test_calibration_and_evaluation_work_unchanged(bundle, mvtec_like, tmp_path):
-    assert load_bundle(bundle).thresholds["image"]["n"] == 4
-    invoke(eval_app, bundle, "--data", mvtec_like, "--out", tmp_path / "eval.json")
+def test_calibration_and_evaluation_work_unchanged(kind_bundle, mvtec_like, tmp_path):
+    assert load_bundle(kind_bundle).thresholds["image"]["n"] == 4
+    invoke(eval_app, kind_bundle, "--data", mvtec_like, "--out", tmp_path / "eval.json")
     overall = json.loads((tmp_path / "eval.json").read_text())["metrics"]["overall"]
     assert 0 <= overall["image_auroc"] <= 1 and 0 <= overall["pixel_auroc"] <= 1

@@ -1,0 +1,124 @@
+"""The TensorRT path as far as it can be proven without TensorRT: the compatibility check (passes on every
+model kind's bundle, fails clearly on a graph TensorRT would refuse), the fp16 ONNX model, backend choice;
+and the real engine where TensorRT and a GPU exist."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from edgeinspect.export.cli import app as export_app
+from edgeinspect.export.tensorrt_check import check_tensorrt
+from edgeinspect.export.tensorrt_engine import tensorrt_unavailable
+from edgeinspect.runtime.backends import BackendUnavailable, OrtCpuBackend, check_engine_matches_device, open_backend
+from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.images import load_resized
+
+runner = CliRunner()
+
+
+def test_every_kind_passes_the_check_and_says_why_no_engine(kind_bundle):
+    record = load_bundle(kind_bundle).record
+    assert record["tensorrt_check"]["ok"], record["tensorrt_check"]["problems"]
+    result = runner.invoke(export_app, [str(kind_bundle), "--check"])
+    assert result.exit_code == 0 and "TensorRT check" in result.output
+    if tensorrt_unavailable() is not None:
+        assert record["engine"] is None
+
+
+def test_fp16_model_keeps_fp32_io_and_the_fragile_nodes(kind_bundle, mvtec_like):
+    bundle = load_bundle(kind_bundle)
+    half = onnx.load(str(kind_bundle / bundle.record["fp16_model_file"]))
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in half.graph.output)
+    assert any(init.data_type == TensorProto.FLOAT16 for init in half.graph.initializer)
+    kept = set(bundle.record["precision"]["fp32_nodes"])
+    fp16_names = {n.name for n in half.graph.node}
+    assert kept <= fp16_names  # every fragile node survives, unconverted
+    images, _ = load_resized(sorted((mvtec_like / "test" / "pasted").iterdir())[:4], (64, 64))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(kind_bundle / bundle.record["fp16_model_file"]),
+                                   providers=["CPUExecutionProvider"])
+    half_maps, half_scores = session.run(None, {"images": images})
+    maps, scores = OrtCpuBackend(bundle)(images)
+    assert np.abs(half_scores - scores).max() <= 0.02 * (maps.max() - maps.min())
+
+
+def graph_with(node, inputs, outputs, initializers=()):
+    model = helper.make_model(helper.make_graph([node], "probe", inputs, outputs, list(initializers)),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_check_names_an_unsupported_operator(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])
+    path = tmp_path / "hardmax.onnx"
+    onnx.save(graph_with(helper.make_node("Hardmax", ["x"], ["y"], name="pick"), [x], [y]), str(path))
+    report = check_tensorrt(path)
+    assert not report.ok and "Hardmax node 'pick': operator not supported" in report.problems[0]
+
+
+def test_check_finds_a_tensor_too_large_at_the_largest_batch(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4096, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4096, 4096])
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [8, 4096], np.zeros(8 * 4096, np.float32))
+    path = tmp_path / "big.onnx"
+    onnx.save(graph_with(helper.make_node("MatMul", ["x", "w"], ["y"], name="scores"), [x], [y], [weights]), str(path))
+    assert check_tensorrt(path, max_batch=8).ok
+    report = check_tensorrt(path, max_batch=200)  # 200 × 4096² > 2³¹ − 1
+    assert not report.ok and "exceed TensorRT's limit" in report.problems[0] and "'y'" in report.problems[0]
+
+
+def test_check_refuses_a_dynamic_image_size(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "height", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "height", 8])
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(graph_with(helper.make_node("Relu", ["x"], ["y"]), [x], [y]), str(path))
+    assert "dimension 1 is dynamic" in check_tensorrt(path).problems[0]
+
+
+def test_auto_backend_falls_back_to_the_cpu_and_says_why(kind_bundle):
+    backend = open_backend(load_bundle(kind_bundle))
+    if tensorrt_unavailable() is None:
+        pytest.skip("a GPU with TensorRT is present: the engine tests below cover it")
+    assert backend.name == "ort-cpu"
+    assert "no TensorRT engine" in backend.passed_over["tensorrt"]
+    with pytest.raises(BackendUnavailable, match="inspect-export .* --engine"):
+        open_backend(load_bundle(kind_bundle), "tensorrt")
+
+
+class _Device:
+    """The two facts the engine check reads from pycuda's Device."""
+
+    def name(self):
+        return "NVIDIA Jetson Orin"
+
+    def compute_capability(self):
+        return (8, 7)
+
+
+def test_an_engine_built_elsewhere_is_refused_with_the_rebuild_command(kind_bundle):
+    bundle = load_bundle(kind_bundle)
+    engine = {"tensorrt": "10.3.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    with pytest.raises(BackendUnavailable, match=f"rebuild it here with inspect-export {bundle.path} --engine"):
+        check_engine_matches_device(bundle, engine, "10.3.0", _Device())
+    check_engine_matches_device(bundle, dict(engine, compute_capability="8.7"), "10.3.0", _Device())
+
+
+@pytest.mark.skipif(tensorrt_unavailable() is not None, reason=f"no TensorRT engine can be built here: "
+                    f"{tensorrt_unavailable()}")
+def test_engine_matches_onnx_runtime(kind_bundle, mvtec_like):
+    result = runner.invoke(export_app, [str(kind_bundle), "--engine"])
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(kind_bundle)
+    images, _ = load_resized(sorted((mvtec_like / "test" / "pasted").iterdir())[:4], (64, 64))
+    engine_maps, engine_scores = open_backend(bundle, "tensorrt")(images)
+    maps, scores = OrtCpuBackend(bundle)(images)
+    assert np.abs(engine_scores - scores).max() <= 1e-3 * (maps.max() - maps.min())
+    assert json.loads((kind_bundle / "bundle.json").read_text())["engine"]["file"] == "model.engine"
