@@ -1,21 +1,26 @@
 """inspect-run: inspect every frame of a camera, video, stream or image folder with a calibrated bundle."""
 
 import json
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
 import cv2
+import numpy as np
 import typer
 from rich.markup import escape
 
 from .bundle import load_bundle
 from .console import InspectError, console, one_line_errors, warn
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, atomic_write_json
+from .frame_loop import Frame, Grabber, LatencyStats
 from .inspector import Inspector
 from .regions import heat_overlay
-from .sources import open_frames
+from .sources import open_source
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -26,22 +31,50 @@ class Save(str, Enum):
     none = "none"
 
 
+class Mode(str, Enum):
+    auto = "auto"
+    latest = "latest"
+    every = "every"
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event):
+    """SIGINT and SIGTERM end the run cleanly (the summary is still written)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @app.command()
 @one_line_errors
 def run(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by inspect-export (and calibrated)."),
-    source: str = typer.Option(None, "--source", help="Image folder, video file, stream URL, camera index, or elpv (its held-out test cells)."),
+    source: str = typer.Option(None, "--source", help="Image folder, video file, stream URL (rtsp://, http://), "
+                               "camera index, GStreamer pipeline (contains '!'), or elpv (its held-out test cells)."),
     camera: int = typer.Option(None, "--camera", help="Camera index (OpenCV / V4L2), short for --source N."),
-    out: Path = typer.Option(Path("out"), "--out", help="Folder for inspections.jsonl and the overlay images."),
+    out: Path = typer.Option(Path("out"), "--out", help="Folder for inspections.jsonl, summary.json and overlays."),
     save: Save = typer.Option(Save.ng, "--save", help="Which frames to save with the heat-map overlay."),
-    max_frames: int = typer.Option(0, "--max-frames", help="Stop after this many frames (0: until the source ends)."),
-    backend: str = typer.Option("auto", "--backend", help="Inference backend: auto or ort-cpu."),
+    mode: Mode = typer.Option(Mode.auto, "--mode", help="latest: newest frame only, count the skipped ones "
+                              "(default for cameras and streams); every: each frame in order (default for files)."),
+    batch: int = typer.Option(1, "--batch", help="Frames per inference call (mode every)."),
+    watch: bool = typer.Option(False, "--watch", help="Keep watching an image folder for new files."),
+    max_frames: int = typer.Option(0, "--max-frames", help="Stop after this many frames (0: until the source ends "
+                                   "or SIGINT/SIGTERM)."),
+    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
 ):
     """Score every frame, give an OK/NG verdict against the calibrated threshold, log one JSON line per frame
     and save NG frames with the anomaly heat map and the regions above the pixel threshold outlined."""
     if (source is None) == (camera is None):
         raise InspectError("give exactly one of --source and --camera")
+    if batch < 1:
+        raise InspectError(f"--batch must be at least 1, got {batch}")
     source = str(camera) if camera is not None else source
     bundle = load_bundle(bundle_dir)
     if bundle.thresholds is None:
@@ -50,38 +83,68 @@ def run(
     chosen = inspector.backend
     console.print(escape(f"backend {chosen.name}" + "".join(f"; not {name}: {why}"
                                                             for name, why in chosen.passed_over.items())))
-    frames = open_frames(source)
+    frames = open_source(source, watch)
+    mode = (Mode.latest if frames.live else Mode.every) if mode == Mode.auto else mode
     out.mkdir(parents=True, exist_ok=True)
-    counts = {"frames": 0, "NG": 0}
-    started = time.perf_counter()
-    with open(out / "inspections.jsonl", "a") as log:
-        for name, frame in frames:
-            clock = time.perf_counter()
-            inspection = inspector.inspect(inspector.prepare(frame)[None])[0]
-            latency_ms = (time.perf_counter() - clock) * 1000
-            record = {
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "frame": counts["frames"], "name": name, "source": source,
-                "score": round(inspection.score, 5), "threshold": inspector.image_threshold,
-                "verdict": inspection.verdict, "regions": [r.to_dict() for r in inspection.regions],
-                "latency_ms": round(latency_ms, 2),
-            }
-            if save == Save.all or (save == Save.ng and inspection.verdict == "NG"):
-                overlay = heat_overlay(frame, inspection.anomaly_map, inspector.pixel_threshold)
-                image_path = out / f"{Path(name).stem}_{counts['frames']:06d}.png"
-                atomic_write_bytes(image_path, cv2.imencode(".png", overlay)[1].tobytes())
-                record["overlay"] = str(image_path)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            counts["frames"] += 1
-            counts["NG"] += inspection.verdict == "NG"
-            console.print(f"{name}: {inspection.verdict or '-'} score {inspection.score:.3f}"
-                          + (f" → {record['overlay']}" if "overlay" in record else ""))
-            if max_frames and counts["frames"] >= max_frames:
+    stop = threading.Event()
+    grabber = Grabber(frames, mode.value, stop, queue_size=max(8, 2 * batch))
+    stats = LatencyStats()
+    with stop_on_signals(stop), open(out / "inspections.jsonl", "a") as log:
+        grabber.start()
+        while not stop.is_set():
+            taken = grabber.take(batch if mode == Mode.every else 1)
+            if not taken:
                 break
-    elapsed = time.perf_counter() - started
-    console.print(f"{counts['frames']} frames, {counts['NG']} NG, {counts['frames'] / max(elapsed, 1e-9):.1f} "
-                  f"frames/s; log: {out / 'inspections.jsonl'}")
+            if max_frames:
+                taken = taken[:max_frames - stats.frames]
+            inspect_batch(taken, inspector, source, save, out, log, stats, verbose=not frames.live)
+            if max_frames and stats.frames >= max_frames:
+                break
+        stop.set()
+        grabber.join(timeout=5)
+    if grabber.error is not None and not isinstance(grabber.error, KeyboardInterrupt):
+        raise grabber.error
+    summary = stats.summary(grabber.dropped, frames.reconnects)
+    atomic_write_json(out / "summary.json", summary)
+    total = summary.get("total_ms", {})
+    console.print(f"{summary['frames']} frames, {summary['ng']} NG, {summary['dropped']} dropped, "
+                  f"{summary['reconnects']} reconnects, {summary['fps']:.1f} frames/s; latency p50 "
+                  f"{total.get('p50', 0):.1f} ms, p95 {total.get('p95', 0):.1f} ms, p99 {total.get('p99', 0):.1f} ms; "
+                  f"log: {out / 'inspections.jsonl'}")
+
+
+def inspect_batch(taken: list[Frame], inspector: Inspector, source: str, save: Save, out: Path, log,
+                  stats: LatencyStats, verbose: bool) -> None:
+    """Resize → one inference call → per frame: verdict, regions, overlay, one flushed JSON line."""
+    clock = time.perf_counter()
+    prepared = np.stack([inspector.prepare(frame.rgb) for frame in taken])
+    preprocess_ms = (time.perf_counter() - clock) * 1000 / len(taken)
+    clock = time.perf_counter()
+    maps, scores = inspector.infer(prepared)
+    inference_ms = (time.perf_counter() - clock) * 1000 / len(taken)
+    for frame, anomaly_map, score in zip(taken, maps, scores):
+        clock = time.perf_counter()
+        inspection = inspector.judge(float(score), anomaly_map)
+        record = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "frame": frame.index, "name": frame.name, "source": source,
+            "score": round(inspection.score, 5), "threshold": inspector.image_threshold,
+            "verdict": inspection.verdict, "regions": [r.to_dict() for r in inspection.regions],
+        }
+        if save == Save.all or (save == Save.ng and inspection.verdict == "NG"):
+            overlay = heat_overlay(frame.rgb, inspection.anomaly_map, inspector.pixel_threshold)
+            image_path = out / f"{Path(frame.name).stem}_{frame.index:06d}.png"
+            atomic_write_bytes(image_path, cv2.imencode(".png", overlay)[1].tobytes())
+            record["overlay"] = str(image_path)
+        stages = {"capture": frame.capture_ms, "preprocess": preprocess_ms, "inference": inference_ms,
+                  "postprocess": (time.perf_counter() - clock) * 1000}
+        record["latency_ms"] = {stage: round(value, 2) for stage, value in stages.items()}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        stats.add(stages, inspection.verdict)
+        if verbose or inspection.verdict == "NG":
+            console.print(f"{frame.name}: {inspection.verdict or '-'} score {inspection.score:.3f}"
+                          + (f" → {record['overlay']}" if "overlay" in record else ""))
 
 
 def main():

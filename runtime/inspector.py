@@ -40,9 +40,9 @@ class Inspector:
 
     def inspect(self, batch: np.ndarray) -> list[Inspection]:
         maps, scores = self.infer(batch)
-        return [self._judge(float(score), anomaly_map) for anomaly_map, score in zip(maps, scores)]
+        return [self.judge(float(score), anomaly_map) for anomaly_map, score in zip(maps, scores)]
 
-    def _judge(self, score: float, anomaly_map: np.ndarray) -> Inspection:
+    def judge(self, score: float, anomaly_map: np.ndarray) -> Inspection:
         if self.image_threshold is None:
             return Inspection(score, anomaly_map)
         verdict = "NG" if score > self.image_threshold else "OK"

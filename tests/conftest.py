@@ -75,3 +75,21 @@ def kind_bundle(request, mvtec_like, tmp_path_factory) -> Path:
         result = CliRunner().invoke(app, [str(a) for a in args])
         assert result.exit_code == 0, result.output
     return run_dir / "bundle"
+
+
+@pytest.fixture(scope="session")
+def patchcore_bundle(mvtec_like, tmp_path_factory) -> Path:
+    """A calibrated PatchCore bundle at 64×64 (for tests that only read it)."""
+    from typer.testing import CliRunner
+
+    from edgeinspect.calibration.cli import calibrate_app
+    from edgeinspect.export.cli import app as export_app
+    from edgeinspect.train.cli import app as train_app
+
+    run_dir = tmp_path_factory.mktemp("patchcore-run")
+    for app, args in [(train_app, ["patchcore", "--data", mvtec_like, "--out", run_dir, "--image-size", 64,
+                                   "--coreset-ratio", 0.25]),
+                      (export_app, [run_dir]), (calibrate_app, [run_dir / "bundle"])]:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return run_dir / "bundle"

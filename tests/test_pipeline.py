@@ -6,11 +6,9 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from edgeinspect.calibration.cli import calibrate_app, eval_app
-from edgeinspect.export.cli import app as export_app
+from edgeinspect.calibration.cli import eval_app
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.cli import app as run_app
-from edgeinspect.train.cli import app as train_app
 
 runner = CliRunner()
 
@@ -20,16 +18,8 @@ def invoke(app, *args):
 
 
 @pytest.fixture(scope="module")
-def bundle(mvtec_like, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    result = invoke(train_app, "patchcore", "--data", mvtec_like, "--out", run_dir, "--image-size", 64,
-                    "--coreset-ratio", 0.25)
-    assert result.exit_code == 0, result.output
-    result = invoke(export_app, run_dir)
-    assert result.exit_code == 0, result.output
-    result = invoke(calibrate_app, run_dir / "bundle")
-    assert result.exit_code == 0, result.output
-    return run_dir / "bundle"
+def bundle(patchcore_bundle):
+    return patchcore_bundle
 
 
 def test_train_keeps_a_seeded_80_20_split(bundle):

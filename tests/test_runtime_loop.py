@@ -1,0 +1,125 @@
+"""The production frame loop: an HTTP MJPEG stream served here (with a disconnect), a video in `latest`
+mode, and a clean stop on SIGTERM with the summary, in a real subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgeinspect.runtime.cli import app as run_app
+
+runner = CliRunner()
+
+
+def jpeg_frames(folder):
+    return [cv2.imencode(".jpg", cv2.imread(str(p)))[1].tobytes() for p in sorted(folder.iterdir())]
+
+
+@pytest.fixture
+def mjpeg_server(mvtec_like):
+    """An MJPEG stream on 127.0.0.1; the first connection is cut after `cut_after` frames, later ones stream
+    until `limit` frames (0: forever)."""
+    frames = jpeg_frames(mvtec_like / "test" / "pasted") + jpeg_frames(mvtec_like / "test" / "good")
+    settings = {"cut_after": 0, "limit": 0, "connections": 0}
+
+    class Stream(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            settings["connections"] += 1
+            first = settings["connections"] == 1
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            sent = 0
+            while True:
+                if first and settings["cut_after"] and sent >= settings["cut_after"]:
+                    return  # the camera drops off the network
+                if settings["limit"] and sent >= settings["limit"]:
+                    return
+                data = frames[sent % len(frames)]
+                try:
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
+                                     + data + b"\r\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                sent += 1
+                time.sleep(0.02)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/line.mjpg", settings
+    server.shutdown()
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "inspections.jsonl").read_text().splitlines()]
+
+
+def test_stream_that_disconnects_is_reopened_and_the_run_goes_on(patchcore_bundle, mjpeg_server, tmp_path):
+    url, settings = mjpeg_server
+    settings["cut_after"] = 10
+    result = runner.invoke(run_app, [str(patchcore_bundle), "--source", url, "--out", str(tmp_path),
+                                     "--max-frames", "25", "--mode", "every", "--save", "none"])
+    assert result.exit_code == 0, result.output
+    assert "reconnected" in result.output
+    lines = read_log(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(lines) == summary["frames"] == 25 and summary["reconnects"] >= 1
+    assert set(lines[0]["latency_ms"]) == {"capture", "preprocess", "inference", "postprocess"}
+    assert {"p50", "p95", "p99"} <= set(summary["total_ms"])
+
+
+def test_latest_mode_counts_every_frame_it_skips(patchcore_bundle, mvtec_like, tmp_path):
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (96, 96))
+    frames = [cv2.imread(str(p)) for p in sorted((mvtec_like / "test" / "good").iterdir())] * 40
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    result = runner.invoke(run_app, [str(patchcore_bundle), "--source", str(video), "--out", str(tmp_path / "o"),
+                                     "--mode", "latest", "--save", "none"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["frames"] + summary["dropped"] == len(frames)
+    assert len(read_log(tmp_path / "o")) == summary["frames"]
+
+
+def test_batches_give_the_same_scores_as_single_frames(patchcore_bundle, mvtec_like, tmp_path):
+    folder = mvtec_like / "test" / "pasted"
+    for name, batch in (("one", "1"), ("four", "4")):
+        result = runner.invoke(run_app, [str(patchcore_bundle), "--source", str(folder), "--out",
+                                         str(tmp_path / name), "--batch", batch, "--save", "none"])
+        assert result.exit_code == 0, result.output
+    one, four = read_log(tmp_path / "one"), read_log(tmp_path / "four")
+    assert [r["name"] for r in one] == [r["name"] for r in four]
+    assert np.allclose([r["score"] for r in one], [r["score"] for r in four], rtol=1e-4)
+
+
+def test_sigterm_stops_cleanly_with_a_summary_and_no_lost_line(patchcore_bundle, mjpeg_server, tmp_path):
+    url, _ = mjpeg_server
+    command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(patchcore_bundle),
+               "--source", url, "--out", str(tmp_path), "--save", "none"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ, COLUMNS="200"))
+    log = tmp_path / "inspections.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["frames"] >= 5 and len(read_log(tmp_path)) == summary["frames"]
+    assert f"{summary['frames']} frames" in output and "p99" in output and "Traceback" not in output
