@@ -19,6 +19,7 @@ from .console import InspectError, console, one_line_errors, warn
 from .files import atomic_write_bytes, atomic_write_json
 from .frame_loop import Frame, Grabber, LatencyStats
 from .inspector import Inspector
+from .live_view import LiveView
 from .regions import heat_overlay
 from .sources import open_source
 
@@ -66,6 +67,10 @@ def run(
     watch: bool = typer.Option(False, "--watch", help="Keep watching an image folder for new files."),
     max_frames: int = typer.Option(0, "--max-frames", help="Stop after this many frames (0: until the source ends "
                                    "or SIGINT/SIGTERM)."),
+    view: int = typer.Option(None, "--view", help="Serve the annotated stream and statistics on this HTTP port "
+                             "(a page at /, MJPEG at /stream.mjpg); 0 picks a free port."),
+    view_host: str = typer.Option("127.0.0.1", "--view-host", help="Address the live view listens on (0.0.0.0 "
+                                  "to reach it from another machine)."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
 ):
@@ -89,19 +94,28 @@ def run(
     stop = threading.Event()
     grabber = Grabber(frames, mode.value, stop, queue_size=max(8, 2 * batch))
     stats = LatencyStats()
+    live_view = LiveView(view_host, view) if view is not None else None
+    if live_view is not None:
+        console.print(f"live view on {live_view.url}")
     with stop_on_signals(stop), open(out / "inspections.jsonl", "a") as log:
+        loop = FrameLoop(inspector, source, save, out, log, stats, verbose=not frames.live, view=live_view,
+                         dropped=lambda: grabber.dropped)
         grabber.start()
-        while not stop.is_set():
-            taken = grabber.take(batch if mode == Mode.every else 1)
-            if not taken:
-                break
-            if max_frames:
-                taken = taken[:max_frames - stats.frames]
-            inspect_batch(taken, inspector, source, save, out, log, stats, verbose=not frames.live)
-            if max_frames and stats.frames >= max_frames:
-                break
-        stop.set()
-        grabber.join(timeout=5)
+        try:
+            while not stop.is_set():
+                taken = grabber.take(batch if mode == Mode.every else 1)
+                if not taken:
+                    break
+                if max_frames:
+                    taken = taken[:max_frames - stats.frames]
+                loop.inspect(taken)
+                if max_frames and stats.frames >= max_frames:
+                    break
+        finally:
+            stop.set()
+            grabber.join(timeout=5)
+            if live_view is not None:
+                live_view.close()
     if grabber.error is not None and not isinstance(grabber.error, KeyboardInterrupt):
         raise grabber.error
     summary = stats.summary(grabber.dropped, frames.reconnects)
@@ -113,38 +127,61 @@ def run(
                   f"log: {out / 'inspections.jsonl'}")
 
 
-def inspect_batch(taken: list[Frame], inspector: Inspector, source: str, save: Save, out: Path, log,
-                  stats: LatencyStats, verbose: bool) -> None:
-    """Resize → one inference call → per frame: verdict, regions, overlay, one flushed JSON line."""
-    clock = time.perf_counter()
-    prepared = np.stack([inspector.prepare(frame.rgb) for frame in taken])
-    preprocess_ms = (time.perf_counter() - clock) * 1000 / len(taken)
-    clock = time.perf_counter()
-    maps, scores = inspector.infer(prepared)
-    inference_ms = (time.perf_counter() - clock) * 1000 / len(taken)
-    for frame, anomaly_map, score in zip(taken, maps, scores):
+class FrameLoop:
+    """Resize → one inference call → per frame: verdict, regions, overlay, one flushed JSON line, and the
+    live view's picture when it is on."""
+
+    VIEW_INTERVAL_S = 0.1  # at most 10 annotated frames per second for the live view
+
+    def __init__(self, inspector: Inspector, source: str, save: Save, out: Path, log, stats: LatencyStats,
+                 verbose: bool, view: LiveView | None, dropped):
+        self.inspector, self.source, self.save, self.out, self.log = inspector, source, save, out, log
+        self.stats, self.verbose, self.view, self.dropped = stats, verbose, view, dropped
+        self.last_view = 0.0
+
+    def inspect(self, taken: list[Frame]) -> None:
+        inspector = self.inspector
         clock = time.perf_counter()
-        inspection = inspector.judge(float(score), anomaly_map)
-        record = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "frame": frame.index, "name": frame.name, "source": source,
-            "score": round(inspection.score, 5), "threshold": inspector.image_threshold,
-            "verdict": inspection.verdict, "regions": [r.to_dict() for r in inspection.regions],
-        }
-        if save == Save.all or (save == Save.ng and inspection.verdict == "NG"):
-            overlay = heat_overlay(frame.rgb, inspection.anomaly_map, inspector.pixel_threshold)
-            image_path = out / f"{Path(frame.name).stem}_{frame.index:06d}.png"
-            atomic_write_bytes(image_path, cv2.imencode(".png", overlay)[1].tobytes())
-            record["overlay"] = str(image_path)
-        stages = {"capture": frame.capture_ms, "preprocess": preprocess_ms, "inference": inference_ms,
-                  "postprocess": (time.perf_counter() - clock) * 1000}
-        record["latency_ms"] = {stage: round(value, 2) for stage, value in stages.items()}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        stats.add(stages, inspection.verdict)
-        if verbose or inspection.verdict == "NG":
-            console.print(f"{frame.name}: {inspection.verdict or '-'} score {inspection.score:.3f}"
-                          + (f" → {record['overlay']}" if "overlay" in record else ""))
+        prepared = np.stack([inspector.prepare(frame.rgb) for frame in taken])
+        preprocess_ms = (time.perf_counter() - clock) * 1000 / len(taken)
+        clock = time.perf_counter()
+        maps, scores = inspector.infer(prepared)
+        inference_ms = (time.perf_counter() - clock) * 1000 / len(taken)
+        for frame, anomaly_map, score in zip(taken, maps, scores):
+            clock = time.perf_counter()
+            inspection = inspector.judge(float(score), anomaly_map)
+            record = {
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "frame": frame.index, "name": frame.name, "source": self.source,
+                "score": round(inspection.score, 5), "threshold": inspector.image_threshold,
+                "verdict": inspection.verdict, "regions": [r.to_dict() for r in inspection.regions],
+            }
+            overlay = None
+            if self.save == Save.all or (self.save == Save.ng and inspection.verdict == "NG"):
+                overlay = heat_overlay(frame.rgb, inspection.anomaly_map, inspector.pixel_threshold)
+                image_path = self.out / f"{Path(frame.name).stem}_{frame.index:06d}.png"
+                atomic_write_bytes(image_path, cv2.imencode(".png", overlay)[1].tobytes())
+                record["overlay"] = str(image_path)
+            stages = {"capture": frame.capture_ms, "preprocess": preprocess_ms, "inference": inference_ms,
+                      "postprocess": (time.perf_counter() - clock) * 1000}
+            record["latency_ms"] = {stage: round(value, 2) for stage, value in stages.items()}
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+            self.stats.add(stages, inspection.verdict)
+            self._publish(frame, inspection, overlay)
+            if self.verbose or inspection.verdict == "NG":
+                console.print(f"{frame.name}: {inspection.verdict or '-'} score {inspection.score:.3f}"
+                              + (f" → {record['overlay']}" if "overlay" in record else ""))
+
+    def _publish(self, frame: Frame, inspection, overlay) -> None:
+        if self.view is None or time.perf_counter() - self.last_view < self.VIEW_INTERVAL_S:
+            return
+        self.last_view = time.perf_counter()
+        if overlay is None:
+            overlay = heat_overlay(frame.rgb, inspection.anomaly_map, self.inspector.pixel_threshold)
+        stats = self.stats.summary(self.dropped(), 0)
+        stats["last"] = {"name": frame.name, "verdict": inspection.verdict or "-", "score": round(inspection.score, 4)}
+        self.view.publish(cv2.imencode(".jpg", overlay)[1].tobytes(), stats)
 
 
 def main():

@@ -4,7 +4,6 @@ index or a GStreamer pipeline (Jetson CSI cameras; needs an OpenCV built with GS
 Live sources (cameras, streams, pipelines) that disconnect or stall are reopened with back-off, and the
 run goes on; files end when they end."""
 
-import time
 from pathlib import Path
 from typing import Iterator
 

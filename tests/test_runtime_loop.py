@@ -3,6 +3,8 @@ mode, and a clean stop on SIGTERM with the summary, in a real subprocess."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,3 +125,32 @@ def test_sigterm_stops_cleanly_with_a_summary_and_no_lost_line(patchcore_bundle,
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["frames"] >= 5 and len(read_log(tmp_path)) == summary["frames"]
     assert f"{summary['frames']} frames" in output and "p99" in output and "Traceback" not in output
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package chromium)")
+def test_live_view_page_shows_a_frame_in_headless_chromium(patchcore_bundle, mjpeg_server, tmp_path):
+    url, _ = mjpeg_server
+    command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(patchcore_bundle),
+               "--source", url, "--out", str(tmp_path), "--save", "none", "--view", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ, COLUMNS="200"))
+    lines = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any("live view on" in line for line in lines):
+            time.sleep(0.2)
+        page = next(line for line in lines if "live view on" in line).split("live view on ")[1].strip()
+        while time.time() < deadline and not (tmp_path / "inspections.jsonl").is_file():
+            time.sleep(0.2)
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                              "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+        assert re.search(r'data-frames="[1-9]\d*"', dom), dom[:2000]
+        assert re.search(r'data-frame-width="96"', dom), dom[:2000]  # the camera's own frame size
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert process.returncode == 0, "".join(lines)
