@@ -98,8 +98,8 @@ def run(
     if live_view is not None:
         console.print(f"live view on {live_view.url}")
     with stop_on_signals(stop), open(out / "inspections.jsonl", "a") as log:
-        loop = FrameLoop(inspector, source, save, out, log, stats, verbose=not frames.live, view=live_view,
-                         dropped=lambda: grabber.dropped)
+        loop = FrameLoop(inspector, source, save, out, log, stats, verbose=None if frames.live else True,
+                         view=live_view, dropped=lambda: grabber.dropped)
         grabber.start()
         try:
             while not stop.is_set():
@@ -134,7 +134,8 @@ class FrameLoop:
     VIEW_INTERVAL_S = 0.1  # at most 10 annotated frames per second for the live view
 
     def __init__(self, inspector: Inspector, source: str, save: Save, out: Path, log, stats: LatencyStats,
-                 verbose: bool, view: LiveView | None, dropped):
+                 verbose: bool | None, view: LiveView | None, dropped):
+        """verbose: True prints every frame, None only NG frames, False nothing."""
         self.inspector, self.source, self.save, self.out, self.log = inspector, source, save, out, log
         self.stats, self.verbose, self.view, self.dropped = stats, verbose, view, dropped
         self.last_view = 0.0
@@ -159,8 +160,8 @@ class FrameLoop:
             overlay = None
             if self.save == Save.all or (self.save == Save.ng and inspection.verdict == "NG"):
                 overlay = heat_overlay(frame.rgb, inspection.anomaly_map, inspector.pixel_threshold)
-                image_path = self.out / f"{Path(frame.name).stem}_{frame.index:06d}.png"
-                atomic_write_bytes(image_path, cv2.imencode(".png", overlay)[1].tobytes())
+                image_path = self.out / f"{Path(frame.name).stem}_{frame.index:06d}.jpg"
+                atomic_write_bytes(image_path, cv2.imencode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
                 record["overlay"] = str(image_path)
             stages = {"capture": frame.capture_ms, "preprocess": preprocess_ms, "inference": inference_ms,
                       "postprocess": (time.perf_counter() - clock) * 1000}
@@ -169,7 +170,7 @@ class FrameLoop:
             self.log.flush()
             self.stats.add(stages, inspection.verdict)
             self._publish(frame, inspection, overlay)
-            if self.verbose or inspection.verdict == "NG":
+            if self.verbose is True or (self.verbose is None and inspection.verdict == "NG"):
                 console.print(f"{frame.name}: {inspection.verdict or '-'} score {inspection.score:.3f}"
                               + (f" → {record['overlay']}" if "overlay" in record else ""))
 

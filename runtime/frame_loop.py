@@ -80,6 +80,7 @@ class LatencyStats:
 
     def __init__(self, window: int = 10000):
         self.window = {stage: deque(maxlen=window) for stage in (*STAGES, "total")}
+        self.inference_total_ms = 0.0
         self.frames = self.ng = 0
         self.started = time.perf_counter()
 
@@ -87,13 +88,15 @@ class LatencyStats:
         for stage, value in stages.items():
             self.window[stage].append(value)
         self.window["total"].append(sum(stages.values()))
+        self.inference_total_ms += stages["inference"]
         self.frames += 1
         self.ng += verdict == "NG"
 
     def summary(self, dropped: int, reconnects: int) -> dict:
         elapsed = time.perf_counter() - self.started
         result = {"frames": self.frames, "ng": self.ng, "dropped": dropped, "reconnects": reconnects,
-                  "seconds": round(elapsed, 2), "fps": round(self.frames / max(elapsed, 1e-9), 2)}
+                  "seconds": round(elapsed, 2), "fps": round(self.frames / max(elapsed, 1e-9), 2),
+                  "wall_share_outside_inference": round(1 - self.inference_total_ms / 1000 / max(elapsed, 1e-9), 3)}
         for stage, values in self.window.items():
             if values:
                 p50, p95, p99 = np.percentile(np.fromiter(values, float), [50, 95, 99])

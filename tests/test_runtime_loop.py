@@ -154,3 +154,16 @@ def test_live_view_page_shows_a_frame_in_headless_chromium(patchcore_bundle, mjp
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
     assert process.returncode == 0, "".join(lines)
+
+
+def test_inspect_bench_reports_backends_and_the_pipeline(patchcore_bundle, tmp_path):
+    from edgeinspect.runtime.bench import app as bench_app
+
+    result = runner.invoke(bench_app, [str(patchcore_bundle), "--frames", "20", "--runs", "3", "--batch", "2",
+                                       "--out", str(tmp_path / "bench.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["backends"]["ort-cpu"]["ms_per_frame_batch1"] > 0
+    assert "unavailable" in report["backends"]["tensorrt"] or report["backends"]["tensorrt"]["ms_per_frame_batch1"] > 0
+    assert report["pipeline"]["frames"] == 20 and 0 <= report["pipeline"]["outside_inference_share_p50"] < 1
+    assert "outside inference" in result.output

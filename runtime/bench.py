@@ -1,0 +1,127 @@
+"""inspect-bench: how fast a bundle runs here. Per backend that opens on this machine: latency per frame at
+batch 1 and throughput at a larger batch, on synthetic frames; then the whole inspect-run pipeline
+(capture thread, resize, inference, verdict, regions, log, NG overlays) on a video, with the share of the
+frame time spent outside inference."""
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import typer
+from rich.table import Table
+
+from .backends import BACKENDS, BackendUnavailable, open_backend
+from .bundle import load_bundle
+from .console import InspectError, console, one_line_errors
+from .frame_loop import Grabber, LatencyStats
+from .inspector import Inspector
+from .sources import open_source
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def median_ms(call, runs: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        clock = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - clock)
+    return 1000 * statistics.median(times)
+
+
+def synthetic_video(path: Path, frames: int, size: tuple[int, int]) -> Path:
+    """A camera-like video: a textured scene drifting a little, with sensor noise."""
+    rng = np.random.default_rng(0)
+    height, width = size
+    scene = cv2.GaussianBlur(rng.integers(0, 256, (height + 40, width + 40, 3), dtype=np.uint8), (0, 0), 3)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (width, height))
+    for index in range(frames):
+        dy, dx = index % 20, (index // 2) % 20
+        frame = scene[dy:dy + height, dx:dx + width].astype(np.int16) + rng.integers(-4, 5, (height, width, 3))
+        writer.write(np.clip(frame, 0, 255).astype(np.uint8))
+    writer.release()
+    return path
+
+
+def pipeline(bundle_dir: Path, video: Path, backend: str, threads: int | None, out: Path) -> dict:
+    """inspect-run's loop on every frame of the video (mode every, NG overlays saved), without console output."""
+    from .cli import FrameLoop, Save
+
+    inspector = Inspector(load_bundle(bundle_dir), backend, threads)
+    source = open_source(str(video))
+    stop = threading.Event()
+    grabber = Grabber(source, "every", stop)
+    stats = LatencyStats()
+    with open(out / "inspections.jsonl", "w") as log:
+        loop = FrameLoop(inspector, str(video), Save.ng, out, log, stats, verbose=False, view=None,
+                         dropped=lambda: grabber.dropped)
+        grabber.start()
+        while taken := grabber.take(1):
+            loop.inspect(taken)
+    grabber.join()
+    summary = stats.summary(grabber.dropped, 0)
+    total, inference = summary["total_ms"]["p50"], summary["inference_ms"]["p50"]
+    summary["outside_inference_share_p50"] = round((total - inference) / total, 3)  # capture thread included
+    summary["backend"] = inspector.backend.name
+    return summary
+
+
+@app.command()
+@one_line_errors
+def bench(
+    bundle_dir: Path = typer.Argument(..., help="Bundle folder written by inspect-export."),
+    video: Path = typer.Option(None, "--video", help="Video for the whole-pipeline run (default: a synthetic "
+                               "640×480 one of --frames frames)."),
+    frames: int = typer.Option(300, "--frames", help="Frames of the synthetic video."),
+    batch: int = typer.Option(8, "--batch", help="Batch size for the throughput measurement."),
+    runs: int = typer.Option(50, "--runs", help="Timed runs per measurement (median reported)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
+    out: Path = typer.Option(None, "--out", help="Also write the results as JSON here."),
+):
+    """Latency and throughput per backend on synthetic frames, and the whole pipeline on a video."""
+    bundle = load_bundle(bundle_dir)
+    if video is not None and not video.is_file():
+        raise InspectError(f"--video {video}: no such file")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, *bundle.input_size, 3), dtype=np.uint8)
+    table = Table("backend", "ms/frame (batch 1)", f"frames/s (batch {batch})", title=f"{bundle_dir} on this machine")
+    results = {"backends": {}}
+    for name in BACKENDS:
+        try:
+            backend = open_backend(bundle, name, threads)
+        except BackendUnavailable as reason:
+            results["backends"][name] = {"unavailable": str(reason)}
+            table.add_row(name, "unavailable", str(reason)[:60])
+            continue
+        single = median_ms(lambda: backend(images[:1]), runs)
+        batched = median_ms(lambda: backend(images), max(5, runs // 5))
+        results["backends"][name] = {"ms_per_frame_batch1": round(single, 2),
+                                     "frames_per_s_batched": round(1000 * batch / batched, 1)}
+        table.add_row(name, f"{single:.2f}", f"{1000 * batch / batched:.1f}")
+    console.print(table)
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        clip = video or synthetic_video(work / "line.avi", frames, (480, 640))
+        summary = pipeline(bundle_dir, clip, "auto", threads, work)
+    results["pipeline"] = summary
+    stages = Table("stage", "p50 ms", "p95 ms", "p99 ms", title=f"inspect-run pipeline on {clip.name if video else 'a synthetic 640×480 video'} ({summary['backend']})")
+    for stage in ("capture", "preprocess", "inference", "postprocess", "total"):
+        values = summary[f"{stage}_ms"]
+        stages.add_row(stage, f"{values['p50']:.2f}", f"{values['p95']:.2f}", f"{values['p99']:.2f}")
+    console.print(stages)
+    console.print(f"{summary['frames']} frames at {summary['fps']:.1f} frames/s; outside inference: "
+                  f"{100 * summary['outside_inference_share_p50']:.1f}% of the p50 frame time (capture, resize, "
+                  f"postprocess), {100 * summary['wall_share_outside_inference']:.1f}% of the wall time")
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2))
+
+
+def main():
+    app()
