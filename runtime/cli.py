@@ -65,6 +65,7 @@ def run(
                               "(default for cameras and streams); every: each frame in order (default for files)."),
     batch: int = typer.Option(1, "--batch", help="Frames per inference call (mode every)."),
     watch: bool = typer.Option(False, "--watch", help="Keep watching an image folder for new files."),
+    loop: bool = typer.Option(False, "--loop", help="Play a video file again from the start when it ends."),
     max_frames: int = typer.Option(0, "--max-frames", help="Stop after this many frames (0: until the source ends "
                                    "or SIGINT/SIGTERM)."),
     view: int = typer.Option(None, "--view", help="Serve the annotated stream and statistics on this HTTP port "
@@ -88,7 +89,7 @@ def run(
     chosen = inspector.backend
     console.print(escape(f"backend {chosen.name}" + "".join(f"; not {name}: {why}"
                                                             for name, why in chosen.passed_over.items())))
-    frames = open_source(source, watch)
+    frames = open_source(source, watch, loop)
     mode = (Mode.latest if frames.live else Mode.every) if mode == Mode.auto else mode
     out.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()

@@ -57,9 +57,9 @@ class FolderSource(FrameSource):
 class CaptureSource(FrameSource):
     """OpenCV VideoCapture on a file, URL, camera index or GStreamer pipeline."""
 
-    def __init__(self, target, option: str, live: bool, api: int = cv2.CAP_ANY):
+    def __init__(self, target, option: str, live: bool, api: int = cv2.CAP_ANY, loop: bool = False):
         super().__init__(option)
-        self.target, self.option, self.live, self.api = target, option, live, api
+        self.target, self.option, self.live, self.api, self.loop = target, option, live, api, loop
         self.capture = self._open()
         if self.capture is None:
             raise InspectError(f"{option}: could not be opened (not connected, busy, or not a video OpenCV can read)")
@@ -82,7 +82,10 @@ class CaptureSource(FrameSource):
                     index += 1
                     continue
                 if not self.live:
-                    return
+                    if not self.loop or index == 0:
+                        return
+                    self.capture.set(cv2.CAP_PROP_POS_FRAMES, 0)  # play the file again
+                    continue
                 if self.capture is not None:
                     self.capture.release()
                     warn(f"{self.option}: no frame (disconnected or stalled); reopening")
@@ -97,9 +100,10 @@ class CaptureSource(FrameSource):
                 self.capture.release()
 
 
-def open_source(source: str, watch: bool = False) -> FrameSource:
+def open_source(source: str, watch: bool = False, loop: bool = False) -> FrameSource:
     """Resolve --source: a built-in data set name (elpv plays its held-out test images), a camera index, a
-    GStreamer pipeline (contains '!'), a folder, a video file or a stream URL."""
+    GStreamer pipeline (contains '!'), a folder (`watch`: keep taking new files), a video file (`loop`: play
+    it again at its end) or a stream URL."""
     if source in BUILTIN_DATASETS:
         return FolderSource([sample.path for sample in open_dataset(source).test])
     if source.isdigit():
@@ -113,5 +117,5 @@ def open_source(source: str, watch: bool = False) -> FrameSource:
     if "://" in source:
         return CaptureSource(source, f"--source {source}", live=True)
     if path.is_file():
-        return CaptureSource(source, f"--source {source}", live=False)
+        return CaptureSource(source, f"--source {source}", live=False, loop=loop)
     raise InspectError(f"--source {source}: no such file, folder or camera")

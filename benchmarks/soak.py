@@ -1,0 +1,97 @@
+"""A long run of inspect-run on a looping video: resident memory after warm-up vs at the end, and whether
+every frame got its JSON line. The video is made of the bundle's held-out good images and a few defective
+ones (about one NG frame in ten), at 512×512.
+
+    python benchmarks/soak.py runs/bottle/bundle --data ../shared/data/mvtec_ad/bottle --frames 10000
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.datasets import open_dataset
+from edgeinspect.runtime.images import read_image, resize
+
+WARMUP_FRAMES = 500
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def make_video(path: Path, bundle, data: str) -> int:
+    good = [Path(p) for p in bundle.record["training"]["validation"]]
+    defective = [s.path for s in open_dataset(data).test if s.label][:len(good) // 9]
+    # lossless (FFV1): MJPEG at OpenCV's default quality alone lifts good bottle scores over the threshold
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 30, (512, 512))
+    for image_path in good + defective:
+        writer.write(cv2.cvtColor(resize(read_image(image_path), (512, 512)), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return len(good) + len(defective)
+
+
+def line_count(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--frames", type=int, default=10000)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        clip_frames = make_video(work / "line.avi", load_bundle(args.bundle), args.data)
+        command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(args.bundle),
+                   "--source", str(work / "line.avi"), "--loop", "--max-frames", str(args.frames),
+                   "--out", str(work / "out"), "--save", "ng"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = work / "out" / "inspections.jsonl"
+        samples, after_warmup = [], None
+        while process.poll() is None:
+            time.sleep(1.0)
+            try:
+                memory = rss_mb(process.pid)
+            except FileNotFoundError:
+                break
+            if not memory:  # exiting
+                continue
+            frames = line_count(log)
+            samples.append((frames, memory))
+            if after_warmup is None and frames >= WARMUP_FRAMES:
+                after_warmup = memory
+        stderr = process.stderr.read()
+        lines = line_count(log)
+        summary = json.loads((work / "out" / "summary.json").read_text())
+    later = [memory for frames, memory in samples if frames >= WARMUP_FRAMES]
+    result = {
+        "frames_asked": args.frames, "json_lines": lines, "summary_frames": summary["frames"],
+        "video_frames": clip_frames, "rss_after_warmup_mb": round(after_warmup or 0, 1),
+        "rss_max_after_warmup_mb": round(max(later or [0]), 1), "rss_end_mb": round(samples[-1][1], 1),
+        "growth_mb": round(max(later or [0]) - (after_warmup or 0), 1), "fps": summary["fps"],
+        "ng": summary["ng"], "exit_code": process.returncode, "total_ms": summary.get("total_ms"),
+    }
+    if process.returncode:
+        print(stderr[-2000:], file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
