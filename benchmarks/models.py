@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from edgeinspect.runtime.backends import BACKENDS, open_backend
+from edgeinspect.runtime.bench import median_ms
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.images import load_resized
@@ -34,17 +34,6 @@ def timed(command: list) -> float:
     clock = time.perf_counter()
     subprocess.run([str(part) for part in command], check=True)
     return time.perf_counter() - clock
-
-
-def median_ms(call, runs: int = 30, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        clock = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - clock)
-    return round(1000 * statistics.median(times), 2)
 
 
 def parity_on_test_images(model, bundle, paths: list[Path]) -> float:
@@ -70,11 +59,11 @@ def latencies(model, bundle, threads: int) -> dict:
         except Exception as error:  # a backend whose library or device is missing here
             result[name] = f"unavailable: {error}"
             continue
-        result[name] = median_ms(lambda: backend(frame))
+        result[name] = round(median_ms(lambda: backend(frame), 30), 2)
     torch.set_num_threads(threads)
     with torch.inference_mode():
         tensor = torch.from_numpy(frame)
-        result["pytorch-eager"] = median_ms(lambda: model(tensor))
+        result["pytorch-eager"] = round(median_ms(lambda: model(tensor), 30), 2)
     return result
 
 
