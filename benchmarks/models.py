@@ -105,7 +105,7 @@ def benchmark(kind: str, data: str, work: Path, threads: int, extra: list[str]) 
 
 
 def markdown_table(results: list[dict]) -> str:
-    backends = list(BACKENDS)
+    backends = [b for b in BACKENDS if any(isinstance(r["latency_ms"].get(b), float) for r in results)]
     head = ["model", "image AUROC", "pixel AUROC", "AUPRO", "F1-max", "at μ+3σ: precision / recall",
             "train s (epochs)", "export s", *[f"{b} ms/frame" for b in backends], "PyTorch eager ms/frame",
             "bundle MB"]
@@ -113,7 +113,8 @@ def markdown_table(results: list[dict]) -> str:
     for r in results:
         m, at, training = r["metrics"], r["at_threshold"] or {}, r["run"].get("training")
         epochs = f" ({training['epochs_run']}, best {training['best_epoch']})" if training else ""
-        latency = [f"{r['latency_ms'][b]:.1f}" if isinstance(r["latency_ms"][b], float) else "n/a" for b in backends]
+        latency = [f"{r['latency_ms'][b]:.1f}" if isinstance(r["latency_ms"].get(b), float) else "n/a"
+                   for b in backends]
         rows.append("| " + " | ".join([
             " ".join([r["model"], *r["train_args"]]), f"{m['image_auroc']:.3f}", f"{m.get('pixel_auroc', float('nan')):.4f}",
             f"{m.get('aupro', float('nan')):.3f}", f"{m['f1_max']:.3f}",
@@ -143,6 +144,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models.json"))
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the --out JSON")
     args = parser.parse_args()
     extra = {kind: value.split() for kind, value in (item.split("=", 1) for item in args.train_args)}
     kinds = args.models.split(",")
@@ -152,7 +154,7 @@ def main():
     # results of kinds not run this time are kept, so one kind can be re-measured alone
     previous = json.loads(args.out.read_text()) if args.out.is_file() else []
     results = {r["model"]: r for r in previous if r["model"] in MODEL_KINDS}
-    for kind in kinds:
+    for kind in [] if args.table_only else kinds:
         results[kind] = benchmark(kind, args.data, args.work, args.threads, extra.get(kind, []))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([results[k] for k in MODEL_KINDS if k in results], indent=2))
