@@ -6,6 +6,6 @@ runs=${1:-runs/elpv}
 inspect-train patchcore --data elpv --out "$runs"
 inspect-export "$runs"
 inspect-calibrate "$runs/bundle"
-inspect-eval "$runs/bundle" --data elpv
+inspect-eval "$runs/bundle" --data elpv --report "$runs/report"
 inspect-run "$runs/bundle" --source elpv --out "$runs/inspections"
-echo "verdicts: $runs/inspections/inspections.jsonl; NG overlays: $runs/inspections/*.png"
+echo "verdicts: $runs/inspections/inspections.jsonl; NG overlays: $runs/inspections/*.jpg; report: $runs/report/report.html"

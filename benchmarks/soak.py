@@ -60,7 +60,8 @@ def main():
         command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(args.bundle),
                    "--source", str(work / "line.avi"), "--loop", "--max-frames", str(args.frames),
                    "--out", str(work / "out"), "--save", "ng"]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        errors = open(work / "stderr.txt", "w")  # a file, not a pipe: an unread pipe would block the run
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
         log = work / "out" / "inspections.jsonl"
         samples, after_warmup = [], None
         while process.poll() is None:
@@ -75,7 +76,8 @@ def main():
             samples.append((frames, memory))
             if after_warmup is None and frames >= WARMUP_FRAMES:
                 after_warmup = memory
-        stderr = process.stderr.read()
+        errors.close()
+        stderr = (work / "stderr.txt").read_text()
         lines = line_count(log)
         summary = json.loads((work / "out" / "summary.json").read_text())
     later = [memory for frames, memory in samples if frames >= WARMUP_FRAMES]
