@@ -62,7 +62,7 @@ def pipeline(bundle_dir: Path, video: Path, frames: int, backend: str, threads: 
     stats = LatencyStats()
     with open(out / "inspections.jsonl", "w") as log:
         loop = FrameLoop(inspector, str(video), Save.ng, out, log, stats, verbose=False, view=None,
-                         dropped=lambda: grabber.dropped)
+                         counters=lambda: (grabber.dropped, source.reconnects))
         grabber.start()
         while stats.frames < frames and (taken := grabber.take(1)):
             loop.inspect(taken)

@@ -100,7 +100,7 @@ def run(
         console.print(f"live view on {live_view.url}")
     with stop_on_signals(stop), open(out / "inspections.jsonl", "a") as log:
         loop = FrameLoop(inspector, source, save, out, log, stats, verbose=None if frames.live else True,
-                         view=live_view, dropped=lambda: grabber.dropped)
+                         view=live_view, counters=lambda: (grabber.dropped, frames.reconnects))
         grabber.start()
         try:
             while not stop.is_set():
@@ -135,10 +135,11 @@ class FrameLoop:
     VIEW_INTERVAL_S = 0.1  # at most 10 annotated frames per second for the live view
 
     def __init__(self, inspector: Inspector, source: str, save: Save, out: Path, log, stats: LatencyStats,
-                 verbose: bool | None, view: LiveView | None, dropped):
-        """verbose: True prints every frame, None only NG frames, False nothing."""
+                 verbose: bool | None, view: LiveView | None, counters):
+        """verbose: True prints every frame, None only NG frames, False nothing; counters() gives the
+        dropped frames and reconnects so far, for the live view."""
         self.inspector, self.source, self.save, self.out, self.log = inspector, source, save, out, log
-        self.stats, self.verbose, self.view, self.dropped = stats, verbose, view, dropped
+        self.stats, self.verbose, self.view, self.counters = stats, verbose, view, counters
         self.last_view = 0.0
 
     def inspect(self, taken: list[Frame]) -> None:
@@ -181,7 +182,7 @@ class FrameLoop:
         self.last_view = time.perf_counter()
         if overlay is None:
             overlay = heat_overlay(frame.rgb, inspection.anomaly_map, self.inspector.pixel_threshold)
-        stats = self.stats.summary(self.dropped(), 0)
+        stats = self.stats.summary(*self.counters())
         stats["last"] = {"name": frame.name, "verdict": inspection.verdict or "-", "score": round(inspection.score, 4)}
         self.view.publish(cv2.imencode(".jpg", overlay)[1].tobytes(), stats)
 
