@@ -53,3 +53,16 @@ def test_a_short_real_training_lowers_the_validation_loss(bottle):
     history = details["training"]["history"]
     assert len(history) == 4
     assert details["training"]["best_validation_loss"] < 0.8 * history[0]["validation_loss"]
+
+
+def test_a_random_init_model_exports_with_parity(tmp_path):
+    import numpy as np
+
+    from edgeinspect.export.onnx_export import check_parity, export_onnx
+    from edgeinspect.runtime.bundle import Bundle
+
+    model = build_stpm(CONFIG, pretrained=False).eval()
+    export_onnx(model, tmp_path / "model.onnx", (64, 64), 17)
+    bundle = Bundle(tmp_path, {"model_file": "model.onnx", "outputs": ["anomaly_map", "score"]})
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    assert check_parity(model, bundle, images)["relative_diff"] <= 1e-4

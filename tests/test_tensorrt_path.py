@@ -122,3 +122,20 @@ def test_engine_matches_onnx_runtime(kind_bundle, mvtec_like):
     maps, scores = OrtCpuBackend(bundle)(images)
     assert np.abs(engine_scores - scores).max() <= 1e-3 * (maps.max() - maps.min())
     assert json.loads((kind_bundle / "bundle.json").read_text())["engine"]["file"] == "model.engine"
+
+
+def _cuda_provider_missing() -> str | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider here (the gpu extra installs onnxruntime-gpu)"
+    return None
+
+
+@pytest.mark.skipif(_cuda_provider_missing() is not None, reason=str(_cuda_provider_missing()))
+def test_ort_cuda_matches_the_cpu(kind_bundle, mvtec_like):
+    bundle = load_bundle(kind_bundle)
+    images, _ = load_resized(sorted((mvtec_like / "test" / "pasted").iterdir())[:4], (64, 64))
+    cuda_maps, cuda_scores = open_backend(bundle, "ort-cuda")(images)
+    maps, scores = OrtCpuBackend(bundle)(images)
+    assert np.abs(cuda_scores - scores).max() <= 0.02 * (maps.max() - maps.min())  # it runs the fp16 model
