@@ -118,6 +118,9 @@ def add_engine(bundle: Bundle, options: EngineOptions) -> None:
 def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
     """Add an engine (and the fp16 model) to an existing bundle, on the device that will run it."""
     bundle = load_bundle(bundle_dir)
+    if "precision" not in bundle.record:
+        raise InspectError(f"{bundle_dir}: exported before fp16 and engine support; export it again from its run "
+                           "folder (inspect-export RUN), then build the engine")
     staging = Path(tempfile.mkdtemp(dir=bundle.path.parent, prefix=f".{bundle.path.name}.staging-"))
     try:
         shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
