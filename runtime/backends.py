@@ -31,6 +31,9 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle worker threads sleep instead of spinning: the capture thread and the resize share these cores
+        # (+33% frames/s through inspect-run on 2 cores, same latency alone; see BENCHMARKS.md)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model_file = bundle.model_file
         if self.prefers_fp16 and bundle.record.get("fp16_model_file"):
             model_file = bundle.path / bundle.record["fp16_model_file"]
