@@ -63,12 +63,11 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
         images = parity_inputs(run, size, parity_images)
         record["export"]["parity"] = check_parity(model, bundle, images)
         record["export"]["seconds"] = round(export_s, 2)
-        record["precision"] = {"half_scopes": onnx_scopes(model.half_precision_modules),
-                               "fp32_nodes": fp32_nodes(staging / MODEL_FILE, onnx_scopes(model.half_precision_modules))}
+        half_scopes = onnx_scopes(model.half_precision_modules)
+        record["precision"] = {"half_scopes": half_scopes, "fp32_nodes": fp32_nodes(staging / MODEL_FILE, half_scopes)}
         record["tensorrt_check"] = report_tensorrt_check(staging / MODEL_FILE, engine.batch_sizes[-1])
         if engine.fp16:
-            convert_fp16(staging / MODEL_FILE, staging / FP16_MODEL_FILE, record["precision"]["fp32_nodes"])
-            record["fp16_model_file"] = FP16_MODEL_FILE
+            add_fp16_model(bundle)
         if engine.fp16 or engine.build_engine:
             add_engine(bundle, engine)
         record["files"] = file_digests(staging, model_files(record))
@@ -94,6 +93,12 @@ def report_tensorrt_check(model_path: Path, max_batch: int) -> dict:
         console.print(f"TensorRT check: every operator, type and shape is supported up to batch {max_batch} "
                       f"(largest tensor {report.largest_tensor[1]:,} elements)")
     return report.to_dict()
+
+
+def add_fp16_model(bundle: Bundle) -> None:
+    """model_fp16.onnx beside model.onnx, for ONNX Runtime's GPU providers."""
+    convert_fp16(bundle.model_file, bundle.path / FP16_MODEL_FILE, bundle.record["precision"]["fp32_nodes"])
+    bundle.record["fp16_model_file"] = FP16_MODEL_FILE
 
 
 def add_engine(bundle: Bundle, options: EngineOptions) -> None:
@@ -126,8 +131,7 @@ def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
         shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
         staged = Bundle(staging, bundle.record)
         if options.fp16 and not bundle.record.get("fp16_model_file"):
-            convert_fp16(staging / MODEL_FILE, staging / FP16_MODEL_FILE, bundle.record["precision"]["fp32_nodes"])
-            bundle.record["fp16_model_file"] = FP16_MODEL_FILE
+            add_fp16_model(staged)
         add_engine(staged, options)
         bundle.record["files"] = file_digests(staging, model_files(bundle.record))
         staged.save()
