@@ -14,31 +14,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeinspect.calibration.evaluate import Predictions, evaluate, read_mask
+from edgeinspect.calibration.evaluate import evaluate, predict
 from edgeinspect.export.precision import with_half_precision
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
-from edgeinspect.runtime.images import read_image, resize
 from edgeinspect.train.registry import MODEL_KINDS
 from edgeinspect.train.run import load_run
 
 BEGIN, END = "<!-- fp16 table: begin -->", "<!-- fp16 table: end -->"
 
 
-def torch_predictions(model, dataset, size) -> Predictions:
-    paths, types, scores, maps, masks = [], [], [], [], []
-    with torch.inference_mode():
-        for sample in dataset.test:
-            image = read_image(sample.path)
-            anomaly_map, score = model(torch.from_numpy(resize(image, size))[None])
-            paths.append(sample.path)
-            types.append(sample.defect_type)
-            scores.append(float(score[0]))
-            maps.append(anomaly_map[0, 0].numpy())
-            if dataset.has_masks:
-                masks.append(read_mask(sample, image.shape[:2], size))
-    return Predictions(paths, np.array(types), np.array(scores), np.stack(maps),
-                       np.stack(masks) if dataset.has_masks else None)
+def torch_backend(model):
+    """The PyTorch model with a runtime backend's contract: uint8 (B, H, W, 3) → maps (B, H, W), scores (B,)."""
+    def infer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            maps, scores = model(torch.from_numpy(images))
+        return maps[:, 0].numpy(), scores.numpy()
+    return infer
 
 
 def main():
@@ -58,7 +50,8 @@ def main():
         row = {"model": kind}
         for precision, variant in (("fp32", model), ("fp16", with_half_precision(model))):
             clock = time.perf_counter()
-            overall = evaluate(bundle, torch_predictions(variant, dataset, bundle.input_size), dataset.name)
+            predictions = predict(bundle, dataset, backend=torch_backend(variant))
+            overall = evaluate(bundle, predictions, dataset.name)
             overall = overall["metrics"]["overall"]
             row[precision] = {"image_auroc": overall["image_auroc"], "pixel_auroc": overall.get("pixel_auroc"),
                               "seconds": round(time.perf_counter() - clock, 1)}

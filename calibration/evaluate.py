@@ -43,10 +43,10 @@ class Predictions:
         return self.types != GOOD
 
 
-def predict(bundle: Bundle, dataset: Dataset, batch_size: int = 8) -> Predictions:
+def predict(bundle: Bundle, dataset: Dataset, batch_size: int = 8, backend="auto") -> Predictions:
     if not dataset.test:
         raise InspectError(f"--data {dataset.name}: no test images (an MVTec AD layout has test/<type>/)")
-    inspector = Inspector(bundle)
+    inspector = Inspector(bundle, backend)
     by_path = {sample.path: sample for sample in dataset.test}
     with_masks = dataset.has_masks
     paths, types, scores, maps, masks = [], [], [], [], []

@@ -23,10 +23,12 @@ class Inspection:
 
 
 class Inspector:
-    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None):
+    def __init__(self, bundle: Bundle, backend="auto", threads: int | None = None):
+        """backend: a backend name (see open_backend), or any callable with a backend's contract, such as
+        the PyTorch model a benchmark compares against."""
         self.bundle = bundle
         self.size = bundle.input_size
-        self.backend = open_backend(bundle, backend, threads)
+        self.backend = open_backend(bundle, backend, threads) if isinstance(backend, str) else backend
         thresholds = bundle.thresholds or {}
         self.image_threshold = thresholds.get("image", {}).get("threshold")
         self.pixel_threshold = thresholds.get("pixel", {}).get("threshold")
