@@ -9,13 +9,12 @@ images=${2:-}
 precision=${3:-}
 inspect-export "$bundle" --engine $precision
 python - "$bundle" "$images" <<'PY'
-import statistics
 import sys
-import time
 
 import numpy as np
 
 from edgeinspect.runtime.backends import BACKENDS, open_backend
+from edgeinspect.runtime.bench import median_ms
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.images import list_images, load_resized
 
@@ -35,13 +34,6 @@ for name in BACKENDS:
         print(f"{name:14} unavailable: {error}")
         continue
     maps, scores = backend(frames)
-    times = []
-    for _ in range(5):
-        backend(frames[:1])
-    for _ in range(50):
-        clock = time.perf_counter()
-        backend(frames[:1])
-        times.append(time.perf_counter() - clock)
     print(f"{name:14} {np.abs(scores - reference_scores).max() / span:20.2e} "
-          f"{np.abs(maps - reference_maps).max() / span:18.2e} {1000 * statistics.median(times):16.2f}")
+          f"{np.abs(maps - reference_maps).max() / span:18.2e} {median_ms(lambda: backend(frames[:1]), 50):16.2f}")
 PY

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeinspect.export.onnx_export import parity
 from edgeinspect.runtime.backends import BACKENDS, open_backend
 from edgeinspect.runtime.bench import median_ms
 from edgeinspect.runtime.bundle import load_bundle
@@ -38,15 +39,9 @@ def timed(command: list) -> float:
 
 def parity_on_test_images(model, bundle, paths: list[Path]) -> float:
     """Worst |ONNX Runtime − PyTorch| over maps and scores, relative to each batch's map range."""
-    backend, worst = open_backend(bundle, "ort-cpu"), 0.0
-    for start in range(0, len(paths), 8):
-        images, _ = load_resized(paths[start:start + 8], bundle.input_size)
-        with torch.inference_mode():
-            torch_maps, torch_scores = model(torch.from_numpy(images))
-        ort_maps, ort_scores = backend(images)
-        diff = max(np.abs(ort_maps - torch_maps[:, 0].numpy()).max(), np.abs(ort_scores - torch_scores.numpy()).max())
-        worst = max(worst, float(diff) / float(torch_maps.max() - torch_maps.min()))
-    return worst
+    backend = open_backend(bundle, "ort-cpu")
+    return max(parity(model, backend, load_resized(paths[start:start + 8], bundle.input_size)[0])["relative_diff"]
+               for start in range(0, len(paths), 8))
 
 
 def latencies(model, bundle, threads: int) -> dict:

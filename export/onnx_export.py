@@ -189,12 +189,12 @@ def parity_inputs(run: dict, size: tuple[int, int], count: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (count, *size, 3), dtype=np.uint8)
 
 
-def check_parity(model: torch.nn.Module, bundle: Bundle, images: np.ndarray) -> dict:
-    """ONNX Runtime must reproduce PyTorch: max |Δmap| ≤ 1e-4 of the map's range, and the same for scores."""
+def parity(model: torch.nn.Module, backend, images: np.ndarray) -> dict:
+    """How far a runtime backend is from PyTorch on these images, relative to the map's value range."""
     with torch.inference_mode():
         torch_maps, torch_scores = model(torch.from_numpy(images))
     torch_maps, torch_scores = torch_maps[:, 0].numpy(), torch_scores.numpy()
-    ort_maps, ort_scores = OrtCpuBackend(bundle)(images)
+    ort_maps, ort_scores = backend(images)
     map_range = float(torch_maps.max() - torch_maps.min()) or 1.0
     result = {
         "images": int(len(images)),
@@ -203,6 +203,12 @@ def check_parity(model: torch.nn.Module, bundle: Bundle, images: np.ndarray) -> 
         "map_range": map_range,
     }
     result["relative_diff"] = max(result["max_abs_diff_map"], result["max_abs_diff_score"]) / map_range
+    return result
+
+
+def check_parity(model: torch.nn.Module, bundle: Bundle, images: np.ndarray) -> dict:
+    """ONNX Runtime must reproduce PyTorch: max |Δmap| ≤ 1e-4 of the map's range, and the same for scores."""
+    result = parity(model, OrtCpuBackend(bundle), images)
     if not result["relative_diff"] <= PARITY_TOLERANCE:
         raise InspectError(f"export failed its parity check: ONNX Runtime differs from PyTorch by "
                            f"{result['relative_diff']:.2e} of the map's range (limit {PARITY_TOLERANCE:.0e})")
