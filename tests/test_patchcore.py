@@ -1,7 +1,14 @@
+import json
+import shutil
+
 import pytest
 import torch
 
-from edgeinspect.train.patchcore import MemoryBank, bank_neighbours, greedy_coreset, random_projection
+from edgeinspect.runtime.console import InspectError
+from edgeinspect.train.backbones import IMAGENET, INCEPTION
+from edgeinspect.train.patchcore import (MemoryBank, PatchCoreConfig, bank_neighbours, build_patchcore, greedy_coreset,
+                                         random_projection)
+from edgeinspect.train.run import load_run
 
 
 def test_greedy_coreset_takes_one_point_from_each_far_cluster():
@@ -47,3 +54,22 @@ def test_image_score_is_the_papers_reweighted_maximum():
     support = bank[bank_neighbours(bank, 3)[1]]
     weight = 1 - torch.softmax((support - worst).norm(dim=1), 0)[0]
     assert score.item() == pytest.approx((weight * 1.0).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("choice, expected", [("imagenet", IMAGENET), ("backbone", INCEPTION)])
+def test_input_normalization_is_imagenet_or_what_the_weights_expect(choice, expected):
+    model = build_patchcore(PatchCoreConfig(normalization=choice), torch.zeros(1, 1), torch.zeros(1, 1),
+                            pretrained=False)
+    assert model.image_input.normalization == expected
+    with pytest.raises(InspectError, match="--normalization 'lab'"):
+        PatchCoreConfig(normalization="lab")
+
+
+def test_run_from_before_the_setting_keeps_the_normalization_it_was_fitted_with(patchcore_bundle, tmp_path):
+    run_dir = shutil.copytree(patchcore_bundle.parent, tmp_path / "run", ignore=shutil.ignore_patterns("bundle"))
+    record = json.loads((run_dir / "run.json").read_text())
+    del record["config"]["normalization"]
+    record["normalization"] = INCEPTION.to_dict()
+    (run_dir / "run.json").write_text(json.dumps(record))
+    model, _ = load_run(run_dir)
+    assert model.image_input.normalization == INCEPTION

@@ -26,6 +26,13 @@ class Normalization:
 
 IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 INCEPTION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+INPUT_NORMALIZATIONS = ("imagenet", "backbone")
+
+
+def input_normalization(choice: str, backbone: Normalization) -> Normalization:
+    """ImageNet statistics whatever the backbone (as the reference PatchCore implementations do), or the
+    normalisation the backbone's weights were trained with."""
+    return IMAGENET if choice == "imagenet" else backbone
 
 
 @dataclass(frozen=True)

@@ -57,12 +57,16 @@ def train_and_report(kind: str, config, data: str, out: Path, val_fraction: floa
 def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
               image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0,
               coreset_ratio: Annotated[float, typer.Option("--coreset-ratio", help="Fraction of patches kept in the "
-                                                                                   "memory bank.")] = 0.01):
+                                                                                   "memory bank.")] = 0.01,
+              normalization: Annotated[str, typer.Option(
+                  "--normalization", help="Input normalisation: imagenet (ImageNet statistics, whatever the backbone; "
+                                          "better anomaly maps) or backbone (what its weights were trained with).")
+              ] = "imagenet"):
     """PatchCore: a memory bank of pretrained patch features; anomaly = distance to the nearest good patch."""
     from edgeinspect.train.patchcore import PatchCoreConfig
 
     config = PatchCoreConfig(backbone=backbone, image_size=parse_size(image_size), coreset_ratio=coreset_ratio,
-                             seed=seed)
+                             seed=seed, normalization=normalization)
     train_and_report("patchcore", config, data, out, val_fraction, weights)
 
 

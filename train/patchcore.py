@@ -12,7 +12,8 @@ from torch import nn
 
 from edgeinspect.runtime.console import InspectError
 
-from .backbones import FeatureExtractor, Normalization, create_feature_extractor
+from .backbones import (INPUT_NORMALIZATIONS, FeatureExtractor, Normalization, create_feature_extractor,
+                        input_normalization)
 from .configs import ModelConfig
 from .fitting import map_in_batches
 from .layers import GaussianSmoothing, ImageInput, upsample
@@ -28,8 +29,13 @@ class PatchCoreConfig(ModelConfig):
     num_neighbours: int = 9  # bank neighbourhood used by the image-score reweighting
     sigma: float = 4.0
     seed: int = 0
+    # ImageNet statistics even for Lite0 (whose weights expect (x - 0.5) / 0.5): about 2.2x more input contrast,
+    # which sharpens the nearest-neighbour distances (bottle, 4 seeds: AUPRO 0.938 vs 0.933, BENCHMARKS.md)
+    normalization: str = "imagenet"
 
     def __post_init__(self):
+        if self.normalization not in INPUT_NORMALIZATIONS:
+            raise InspectError(f"--normalization {self.normalization!r} is not one of {', '.join(INPUT_NORMALIZATIONS)}")
         if not 0 < self.coreset_ratio <= 1:
             raise InspectError(f"--coreset-ratio must be in (0, 1], got {self.coreset_ratio}")
 
@@ -157,7 +163,8 @@ def bank_neighbours(bank: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tens
 
 def build_patchcore(config: PatchCoreConfig, bank: torch.Tensor, neighbours: torch.Tensor,
                     weights=None, pretrained: bool = True) -> PatchCore:
-    extractor, normalization = create_feature_extractor(config.backbone, config.strides, weights, pretrained)
+    extractor, backbone_normalization = create_feature_extractor(config.backbone, config.strides, weights, pretrained)
+    normalization = input_normalization(config.normalization, backbone_normalization)
     return PatchCore(extractor, normalization, MemoryBank(bank, neighbours), config.sigma).eval()
 
 

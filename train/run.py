@@ -14,7 +14,9 @@ from edgeinspect.runtime.datasets import Dataset, split_fit_validation
 from edgeinspect.runtime.files import atomic_write_bytes, atomic_write_json
 from edgeinspect.runtime.images import load_resized
 
+from .backbones import Normalization
 from .configs import ModelConfig
+from .layers import ImageInput
 from .registry import model_kind
 
 RUN_FORMAT_VERSION = 1
@@ -98,4 +100,6 @@ def load_run(run_dir: Path) -> tuple[torch.nn.Module, dict]:
         raise InspectError(f"{record_path}: made by a newer edge-inspect (run format {record['format_version']})")
     spec = model_kind(record.get("model"), source=record_path)
     model = spec.restore(spec.config.from_dict(record["config"]), state)
+    # the normalisation the model was fitted with, also for runs from before it was a setting
+    model.image_input = ImageInput(Normalization(tuple(record["normalization"]["mean"]), tuple(record["normalization"]["std"])))
     return model.eval(), record
