@@ -23,6 +23,7 @@ from edgeinspect.runtime.images import load_resized
 from edgeinspect.train.run import load_run
 
 from .precision import convert_fp16, fp32_nodes, onnx_scopes
+from .static_padding import with_static_padding
 from .tensorrt_check import check_tensorrt
 from .tensorrt_engine import ENGINE_FILE, TIMING_CACHE_FILE, build_engine, tensorrt_unavailable
 
@@ -144,6 +145,7 @@ def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
 
 def export_onnx(model: torch.nn.Module, path: Path, size: tuple[int, int], opset: int) -> None:
     example = torch.zeros(2, *size, 3, dtype=torch.uint8)
+    model = with_static_padding(model, example)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -151,7 +153,18 @@ def export_onnx(model: torch.nn.Module, path: Path, size: tuple[int, int], opset
             input_names=[INPUT_NAME], output_names=OUTPUT_NAMES,
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
         )
+    graph = onnx.load(str(path))
+    drop_empty_trailing_inputs(graph)
+    onnx.save(graph, str(path))
     onnx.checker.check_model(str(path))
+
+
+def drop_empty_trailing_inputs(graph: onnx.ModelProto) -> None:
+    """The exporter writes an omitted optional input as '' (Pad's constant value, for one); ONNX Runtime then
+    will not fuse that Pad into the following Conv. Trailing omitted inputs may simply be left out."""
+    for node in graph.graph.node:
+        while node.input and node.input[-1] == "":
+            node.input.pop()
 
 
 def bundle_record(run: dict, opset: int, size: tuple[int, int]) -> dict:

@@ -16,7 +16,7 @@ from edgeinspect.runtime.console import InspectError
 from .backbones import FeatureExtractor, Normalization, create_feature_extractor
 from .configs import GradientConfig
 from .fitting import fit_by_gradient, map_in_batches
-from .layers import GaussianSmoothing, ImageInput, upsample
+from .layers import ImageInput, MapToImage, upsample
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class DFR(nn.Module):
         self.image_input = ImageInput(normalization)
         self.regional = regional.eval().requires_grad_(False)
         self.autoencoder = autoencoder
-        self.smoothing = GaussianSmoothing(sigma)
+        self.to_image = MapToImage(sigma)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.regional(self.image_input(images))
@@ -115,7 +115,7 @@ class DFR(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(images)
         error = ((features - self.autoencoder(features)) ** 2).sum(1, keepdim=True)
-        anomaly_map = self.smoothing(upsample(error, images.shape[1:3]))
+        anomaly_map = self.to_image(error, images.shape[1:3])
         return anomaly_map, anomaly_map.amax(dim=(1, 2, 3))
 
 

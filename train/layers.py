@@ -1,6 +1,9 @@
 """Graph pieces every model kind shares: what the bundle's input and output contract needs inside the graph."""
 
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,23 +26,46 @@ class ImageInput(nn.Module):
         return (images.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
 
 
-class GaussianSmoothing(nn.Module):
-    """Separable Gaussian blur with reflected borders (σ=4 for PatchCore, as in the paper's reference code)."""
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps out to 4σ (the paper's reference code's truncation)."""
+    radius = int(4 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    return kernel / kernel.sum()
 
-    def __init__(self, sigma: float):
+
+@functools.lru_cache(maxsize=16)
+def map_to_image_operator(size_in: int, size_out: int, sigma: float) -> np.ndarray:
+    """(size_out, size_in) matrix of one axis: bilinear upsampling (half-pixel centres, as F.interpolate with
+    align_corners=False), then, when σ > 0, the Gaussian blur with reflected borders."""
+    source = np.maximum((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, size_in - 1)
+    operator = np.zeros((size_out, size_in))
+    np.add.at(operator, (np.arange(size_out), low), 1 - (source - low))
+    np.add.at(operator, (np.arange(size_out), high), source - low)
+    if sigma > 0:
+        kernel = gaussian_kernel(sigma)
+        padded = np.pad(operator, ((len(kernel) // 2, len(kernel) // 2), (0, 0)), mode="reflect")
+        operator = sum(tap * padded[k:k + size_out] for k, tap in enumerate(kernel))
+    return operator.astype(np.float32)
+
+
+class MapToImage(nn.Module):
+    """A low-resolution anomaly map (B, 1, h, w) → the input size (B, 1, H, W): bilinear upsampling, then a
+    Gaussian blur with reflected borders (σ=4 for PatchCore, as in the paper's reference code; σ=0: none).
+
+    Both steps are linear and separable, so they run as two small matrix products, rows · map · colsᵀ,
+    instead of a resize and two 33-tap convolutions over the full-size map."""
+
+    def __init__(self, sigma: float = 0.0):
         super().__init__()
-        radius = int(4 * sigma + 0.5)
-        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        self.radius = radius
-        self.register_buffer("kernel_h", kernel.view(1, 1, 1, -1), persistent=False)
-        self.register_buffer("kernel_v", kernel.view(1, 1, -1, 1), persistent=False)
+        self.sigma = sigma
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        r = self.radius
-        maps = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="reflect"), self.kernel_h)
-        return F.conv2d(F.pad(maps, (0, 0, r, r), mode="reflect"), self.kernel_v)
+    def forward(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        (h, w), (height, width) = maps.shape[-2:], size
+        rows = torch.from_numpy(map_to_image_operator(int(h), int(height), self.sigma))
+        cols_t = torch.from_numpy(map_to_image_operator(int(w), int(width), self.sigma).T.copy())
+        return rows @ maps @ cols_t
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

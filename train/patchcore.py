@@ -16,7 +16,7 @@ from .backbones import (INPUT_NORMALIZATIONS, FeatureExtractor, Normalization, c
                         input_normalization)
 from .configs import ModelConfig
 from .fitting import map_in_batches
-from .layers import GaussianSmoothing, ImageInput, upsample
+from .layers import ImageInput, MapToImage, upsample
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,11 @@ class PatchEmbedding(nn.Module):
 class MemoryBank(nn.Module):
     """Nearest-neighbour patch distances against the coreset, and the paper's reweighted image score.
 
-    Distances are ‖q‖² − 2·q·Mᵀ + ‖m‖² (one MatMul) and a Min over the bank, clamped at 0 before the square
-    root, so the exported graph never materialises an N×M×C tensor. `neighbours` holds, for each bank entry,
-    the indices of its nearest entries in the bank (itself first), computed at training time.
+    Squared distances are ‖q‖² − 2·q·Mᵀ + ‖m‖²: one Gemm (the −2·Mᵀ product with ‖m‖² as its bias) and a Min
+    over the bank, with ‖q‖² added after the Min (it is the same for every entry) and a clamp at 0 before the
+    square root, so the exported graph never materialises an N×M×C tensor and makes one pass over the N×M
+    matrix. `neighbours` holds, for each bank entry, the indices of its nearest entries in the bank (itself
+    first), computed at training time.
     """
 
     def __init__(self, bank: torch.Tensor, neighbours: torch.Tensor):
@@ -69,20 +71,26 @@ class MemoryBank(nn.Module):
         self.register_buffer("bank", bank.float().contiguous())
         self.register_buffer("neighbours", neighbours.long().contiguous())
         self.register_buffer("bank_sq_norm", (self.bank**2).sum(1), persistent=False)
+        self.register_buffer("minus_twice_bank_t", (-2 * self.bank.T).contiguous(), persistent=False)
 
-    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, P, C) → distance to the nearest bank entry (B, P) and that entry's index (B, P)."""
-        squared = (queries**2).sum(-1, keepdim=True) - 2 * queries @ self.bank.T + self.bank_sq_norm
-        min_squared, nearest = squared.min(dim=-1)
-        return min_squared.clamp_min(0).sqrt(), nearest
+    def partial_squared(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries (N, C) → ‖m‖² − 2·q·m for every bank entry (N, M): the squared distance less ‖q‖²."""
+        return torch.addmm(self.bank_sq_norm, queries, self.minus_twice_bank_t)
 
-    def image_score(self, queries: torch.Tensor, distances: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """s = (1 − softmax over the neighbourhood of m* of ‖q* − m‖, taken at m*) · s*, for the worst patch q*."""
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries (B, P, C) → distance of each to its nearest bank entry (B, P)."""
+        flat = queries.reshape(-1, queries.shape[-1])
+        squared = torch.amin(self.partial_squared(flat), dim=1) + (flat**2).sum(1)
+        return squared.clamp_min(0).sqrt().view(queries.shape[:2])
+
+    def image_score(self, queries: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """s = (1 − softmax over the neighbourhood of m* of ‖q* − m‖, taken at m*) · s*, for the worst patch q*
+        and its nearest bank entry m* (searched again for that one patch rather than kept for all of them)."""
         score, worst = distances.max(dim=1)
-        worst_query = queries.gather(1, worst.view(-1, 1, 1).expand(-1, 1, queries.shape[-1]))
-        worst_nearest = nearest.gather(1, worst.view(-1, 1)).squeeze(1)
+        worst_query = queries.gather(1, worst.view(-1, 1, 1).expand(-1, 1, queries.shape[-1])).squeeze(1)
+        worst_nearest = self.partial_squared(worst_query).argmin(dim=1)
         support = self.bank[self.neighbours[worst_nearest]]
-        support_distances = ((support - worst_query) ** 2).sum(-1).clamp_min(0).sqrt()
+        support_distances = ((support - worst_query[:, None]) ** 2).sum(-1).clamp_min(0).sqrt()
         weight = 1 - torch.softmax(support_distances, dim=1)[:, 0]
         return weight * score
 
@@ -97,7 +105,7 @@ class PatchCore(nn.Module):
         self.image_input = ImageInput(normalization)
         self.embedding = PatchEmbedding(extractor)
         self.memory = memory
-        self.smoothing = GaussianSmoothing(sigma)
+        self.to_image = MapToImage(sigma)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.image_input(images))
@@ -106,10 +114,10 @@ class PatchCore(nn.Module):
         embedding = self.embed(images)
         batch, _, height, width = embedding.shape
         queries = embedding.flatten(2).transpose(1, 2)
-        distances, nearest = self.memory.nearest(queries)
-        score = self.memory.image_score(queries, distances, nearest)
+        distances = self.memory.distances(queries)
+        score = self.memory.image_score(queries, distances)
         patch_map = distances.view(batch, 1, height, width)
-        return self.smoothing(upsample(patch_map, images.shape[1:3])), score
+        return self.to_image(patch_map, images.shape[1:3]), score
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from edgeinspect.runtime.console import InspectError
 from .backbones import FeatureExtractor, Normalization, create_feature_extractor
 from .configs import GradientConfig
 from .fitting import fit_by_gradient, map_in_batches
-from .layers import ImageInput, upsample
+from .layers import ImageInput, MapToImage
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class STPM(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         self.level_weights = level_weights
+        self.to_image = MapToImage()
 
     def train(self, mode: bool = True) -> "STPM":
         super().train(mode)
@@ -72,7 +73,7 @@ class STPM(nn.Module):
         size = images.shape[1:3]
         anomaly_map = None
         for level in level_maps(self.teacher(x), self.student(x)):
-            level = upsample(level, size)
+            level = self.to_image(level, size)
             anomaly_map = level if anomaly_map is None else anomaly_map * level
         return anomaly_map, anomaly_map.amax(dim=(1, 2, 3))
 
