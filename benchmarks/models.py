@@ -73,9 +73,12 @@ def coreset_seconds(run_dir: Path, ratio: float) -> dict:
     return {"ratio": ratio, "patches": len(patches), "seconds": round(time.perf_counter() - clock, 1)}
 
 
-def benchmark(kind: str, data: str, work: Path, threads: int, extra: list[str]) -> dict:
+def benchmark(kind: str, data: str, work: Path, threads: int, extra: list[str], reuse_run: bool) -> dict:
     run_dir = work / kind
-    train_s = timed(["inspect-train", kind, "--data", data, "--out", run_dir, *extra])
+    if reuse_run and (run_dir / "run.json").is_file():
+        train_s = json.loads((run_dir / "run.json").read_text())["timings"]["total_s"]
+    else:
+        train_s = timed(["inspect-train", kind, "--data", data, "--out", run_dir, *extra])
     export_s = timed(["inspect-export", run_dir])
     timed(["inspect-calibrate", run_dir / "bundle"])
     timed(["inspect-eval", run_dir / "bundle", "--data", data, "--out", work / f"{kind}-eval.json"])
@@ -140,6 +143,9 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models.json"))
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the --out JSON")
+    parser.add_argument("--reuse-runs", default="", metavar="KINDS",
+                        help="comma-separated kinds whose run folder in --work is exported, calibrated and "
+                             "evaluated again without training (train s is then the one recorded in run.json)")
     args = parser.parse_args()
     extra = {kind: value.split() for kind, value in (item.split("=", 1) for item in args.train_args)}
     kinds = args.models.split(",")
@@ -150,12 +156,14 @@ def main():
     previous = json.loads(args.out.read_text()) if args.out.is_file() else []
     results = {r["model"]: r for r in previous if r["model"] in MODEL_KINDS}
     for kind in [] if args.table_only else kinds:
-        results[kind] = benchmark(kind, args.data, args.work, args.threads, extra.get(kind, []))
+        results[kind] = benchmark(kind, args.data, args.work, args.threads, extra.get(kind, []),
+                                  kind in args.reuse_runs.split(","))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([results[k] for k in MODEL_KINDS if k in results], indent=2))
     results = [results[k] for k in MODEL_KINDS if k in results]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    header = (f"Generated {time.strftime('%Y-%m-%d')} by `python benchmarks/models.py --data {args.data}` on "
+    reused = f" --reuse-runs {args.reuse_runs}" if args.reuse_runs else ""
+    header = (f"Generated {time.strftime('%Y-%m-%d')} by `python benchmarks/models.py --data {args.data}{reused}` on "
               f"{machine} (options other than the defaults are shown after the model); latency: batch 1, "
               f"{args.threads} threads, median of 30.")
     update_benchmarks_md(args.markdown, header, markdown_table(results))
