@@ -4,6 +4,7 @@ Everything else (scaling to float, mean/std normalisation, channel order for the
 exported graph, so the per-frame CPU work on the edge box is a colour conversion and one resize.
 """
 
+import functools
 from pathlib import Path
 
 import cv2
@@ -38,11 +39,61 @@ def read_image(path: Path) -> np.ndarray:
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an RGB uint8 (H, W, 3) image to size=(height, width) with antialiased bilinear filtering (Pillow's,
     the filter of torchvision's Resize): it keeps 0.0003 pixel AUROC and 0.002 AUPRO on MVTec AD bottle over
-    OpenCV's area averaging, at the same speed."""
+    OpenCV's area averaging.
+
+    When both sides shrink by whole factors (a 512×512 camera frame to 256×256) the same triangle filter runs
+    in OpenCV, within 1 grey level of Pillow and several times faster (see _shrink_by_whole_factors)."""
     height, width = size
     if image.shape[:2] == (height, width):
         return image
+    if image.shape[0] % height == 0 and image.shape[1] % width == 0:
+        return _shrink_by_whole_factors(image, height, width)
     return np.array(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+
+
+@functools.lru_cache(maxsize=32)
+def triangle_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's antialiased bilinear weights along one axis, (size_out, size_in): a triangle as wide as the
+    scale around each output pixel's centre, cut at the image's edges and renormalised; and which outputs
+    were cut."""
+    scale = size_in / size_out
+    support = max(scale, 1.0)
+    centres = (np.arange(size_out) + 0.5) * scale
+    first = (centres - support + 0.5).astype(int)  # truncated towards zero, as Pillow's C does
+    stop = (centres + support + 0.5).astype(int)
+    x = np.arange(size_in)
+    weights = np.clip(1 - np.abs((x[None] - centres[:, None] + 0.5) / support), 0, None)
+    weights[(x[None] < first[:, None]) | (x[None] >= stop[:, None])] = 0
+    return weights / weights.sum(1, keepdims=True), (centres - support + 0.5 < 0) | (stop > size_in)
+
+
+def _prefilter(factor: int) -> np.ndarray:
+    """The filter that, followed by averaging factor×factor blocks, makes the triangle of a whole factor:
+    box_f for odd f, [½, ½] ⊛ box_f for even f (f=2: [¼, ½, ¼] then 2×2 means gives ⅛·[1, 3, 3, 1])."""
+    box = np.full(factor, 1 / factor)
+    return (box if factor % 2 else np.convolve([0.5, 0.5], box)).astype(np.float32)
+
+
+def _shrink_by_whole_factors(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Triangle filter by whole factors: a small separable prefilter and OpenCV's block averaging (INTER_AREA)
+    inside; the outputs at the edges, where Pillow cuts the triangle, computed exactly from its weights."""
+    rows, cut_rows = triangle_weights(image.shape[0], height)
+    cols, cut_cols = triangle_weights(image.shape[1], width)
+    smoothed = cv2.sepFilter2D(image, -1, _prefilter(image.shape[1] // width), _prefilter(image.shape[0] // height),
+                               delta=1e-3, borderType=cv2.BORDER_REPLICATE)  # delta: round halves up, as Pillow
+    result = cv2.resize(smoothed, (width, height), interpolation=cv2.INTER_AREA)
+    edge_rows, edge_cols = np.nonzero(cut_rows)[0], np.nonzero(cut_cols)[0]
+    used_rows = np.nonzero(rows[edge_rows].any(0))[0]
+    used_cols = np.nonzero(cols[edge_cols].any(0))[0]
+    top_bottom = np.tensordot(rows[edge_rows][:, used_rows], image[used_rows].astype(np.float64), axes=(1, 0))
+    result[edge_rows] = _rounded(np.tensordot(top_bottom, cols, axes=(1, 1)).transpose(0, 2, 1))
+    left_right = np.tensordot(image[:, used_cols].astype(np.float64), cols[edge_cols][:, used_cols], axes=(1, 1))
+    result[:, edge_cols] = _rounded(np.tensordot(rows, left_right, axes=(1, 0)).transpose(0, 2, 1))
+    return result
+
+
+def _rounded(values: np.ndarray) -> np.ndarray:
+    return np.floor(values + 0.5).clip(0, 255).astype(np.uint8)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -1,6 +1,11 @@
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from edgeinspect.runtime.images import resize
 
 from edgeinspect.train.layers import MapToImage, gaussian_kernel
 
@@ -22,3 +27,15 @@ def test_map_to_image_is_bilinear_upsampling_then_gaussian_blur(grid, size, sigm
     maps = torch.rand(2, 1, *grid, generator=torch.Generator().manual_seed(0))
     expected = resize_then_blur(maps, size, sigma)
     assert torch.allclose(MapToImage(sigma)(maps, size), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, size", [((512, 512), (256, 256)), ((96, 64), (32, 32)), ((300, 200), (100, 100)),
+                                         ((64, 90), (64, 30)), ((1024, 768), (256, 256))])
+def test_whole_factor_resize_is_pillows_antialiased_bilinear_within_one_grey_level(shape, size):
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (*shape, 3), dtype=np.uint8), (0, 0), 1)
+    image[:3], image[:, -2:] = 255, 0  # hard edges at the borders, where Pillow cuts its triangle
+    pillow = np.array(Image.fromarray(image).resize(size[::-1], Image.Resampling.BILINEAR)).astype(int)
+    fast = resize(image, size)
+    assert fast.shape == (*size, 3) and fast.dtype == np.uint8
+    assert np.abs(fast - pillow).max() <= 1 and (fast == pillow).mean() > 0.8

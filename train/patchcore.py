@@ -87,7 +87,7 @@ class MemoryBank(nn.Module):
         """s = (1 − softmax over the neighbourhood of m* of ‖q* − m‖, taken at m*) · s*, for the worst patch q*
         and its nearest bank entry m* (searched again for that one patch rather than kept for all of them)."""
         score, worst = distances.max(dim=1)
-        worst_query = queries.gather(1, worst.view(-1, 1, 1).expand(-1, 1, queries.shape[-1])).squeeze(1)
+        worst_query = queries.gather(1, worst.view(-1, 1, 1).expand(-1, 1, queries.shape[-1]))[:, 0]
         worst_nearest = self.partial_squared(worst_query).argmin(dim=1)
         support = self.bank[self.neighbours[worst_nearest]]
         support_distances = ((support - worst_query[:, None]) ** 2).sum(-1).clamp_min(0).sqrt()
