@@ -141,6 +141,7 @@ class FrameLoop:
         self.inspector, self.source, self.save, self.out, self.log = inspector, source, save, out, log
         self.stats, self.verbose, self.view, self.counters = stats, verbose, view, counters
         self.last_view = 0.0
+        self.last_done: float | None = None
 
     def inspect(self, taken: list[Frame]) -> None:
         inspector = self.inspector
@@ -175,6 +176,10 @@ class FrameLoop:
             if self.verbose is True or (self.verbose is None and inspection.verdict == "NG"):
                 console.print(f"{frame.name}: {inspection.verdict or '-'} score {inspection.score:.3f}"
                               + (f" → {record['overlay']}" if "overlay" in record else ""))
+        done = time.perf_counter()
+        if self.last_done is not None:
+            self.stats.add_frame_time((done - self.last_done) * 1000 / len(taken), len(taken))
+        self.last_done = done
 
     def _publish(self, frame: Frame, inspection, overlay) -> None:
         if self.view is None or time.perf_counter() - self.last_view < self.VIEW_INTERVAL_S:

@@ -79,7 +79,7 @@ class LatencyStats:
     constant memory) and running totals."""
 
     def __init__(self, window: int = 10000):
-        self.window = {stage: deque(maxlen=window) for stage in (*STAGES, "total")}
+        self.window = {stage: deque(maxlen=window) for stage in (*STAGES, "total", "frame")}
         self.inference_total_ms = 0.0
         self.frames = self.ng = 0
         self.started = time.perf_counter()
@@ -92,6 +92,10 @@ class LatencyStats:
         self.frames += 1
         self.ng += verdict == "NG"
 
+    def add_frame_time(self, ms_per_frame: float, frames: int) -> None:
+        """Wall time between consecutive verdicts (the loop's period, waiting for frames included)."""
+        self.window["frame"].extend([ms_per_frame] * frames)
+
     def summary(self, dropped: int, reconnects: int) -> dict:
         elapsed = time.perf_counter() - self.started
         result = {"frames": self.frames, "ng": self.ng, "dropped": dropped, "reconnects": reconnects,
@@ -101,4 +105,7 @@ class LatencyStats:
             if values:
                 p50, p95, p99 = np.percentile(np.fromiter(values, float), [50, 95, 99])
                 result[f"{stage}_ms"] = {"p50": round(p50, 2), "p95": round(p95, 2), "p99": round(p99, 2)}
+        if "frame_ms" in result and "inference_ms" in result:
+            result["outside_inference_share_p50"] = round(
+                1 - result["inference_ms"]["p50"] / max(result["frame_ms"]["p50"], 1e-9), 3)
         return result

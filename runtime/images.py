@@ -64,7 +64,8 @@ def triangle_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarra
     x = np.arange(size_in)
     weights = np.clip(1 - np.abs((x[None] - centres[:, None] + 0.5) / support), 0, None)
     weights[(x[None] < first[:, None]) | (x[None] >= stop[:, None])] = 0
-    return weights / weights.sum(1, keepdims=True), (centres - support + 0.5 < 0) | (stop > size_in)
+    weights = (weights / weights.sum(1, keepdims=True)).astype(np.float32)
+    return weights, (centres - support + 0.5 < 0) | (stop > size_in)
 
 
 def _prefilter(factor: int) -> np.ndarray:
@@ -79,15 +80,19 @@ def _shrink_by_whole_factors(image: np.ndarray, height: int, width: int) -> np.n
     inside; the outputs at the edges, where Pillow cuts the triangle, computed exactly from its weights."""
     rows, cut_rows = triangle_weights(image.shape[0], height)
     cols, cut_cols = triangle_weights(image.shape[1], width)
-    smoothed = cv2.sepFilter2D(image, -1, _prefilter(image.shape[1] // width), _prefilter(image.shape[0] // height),
-                               delta=1e-3, borderType=cv2.BORDER_REPLICATE)  # delta: round halves up, as Pillow
+    factors = (image.shape[0] // height, image.shape[1] // width)
+    if factors == (2, 2):  # the common case: OpenCV's fixed-point 3×3 Gaussian is exactly [¼, ½, ¼] and twice as fast
+        smoothed = cv2.GaussianBlur(image, (3, 3), 0, borderType=cv2.BORDER_REPLICATE)
+    else:
+        smoothed = cv2.sepFilter2D(image, -1, _prefilter(factors[1]), _prefilter(factors[0]), delta=1e-3,
+                                   borderType=cv2.BORDER_REPLICATE)  # delta: round halves up, as Pillow does
     result = cv2.resize(smoothed, (width, height), interpolation=cv2.INTER_AREA)
     edge_rows, edge_cols = np.nonzero(cut_rows)[0], np.nonzero(cut_cols)[0]
     used_rows = np.nonzero(rows[edge_rows].any(0))[0]
     used_cols = np.nonzero(cols[edge_cols].any(0))[0]
-    top_bottom = np.tensordot(rows[edge_rows][:, used_rows], image[used_rows].astype(np.float64), axes=(1, 0))
+    top_bottom = np.tensordot(rows[edge_rows][:, used_rows], image[used_rows].astype(np.float32), axes=(1, 0))
     result[edge_rows] = _rounded(np.tensordot(top_bottom, cols, axes=(1, 1)).transpose(0, 2, 1))
-    left_right = np.tensordot(image[:, used_cols].astype(np.float64), cols[edge_cols][:, used_cols], axes=(1, 1))
+    left_right = np.tensordot(image[:, used_cols].astype(np.float32), cols[edge_cols][:, used_cols], axes=(1, 1))
     result[:, edge_cols] = _rounded(np.tensordot(rows, left_right, axes=(1, 0)).transpose(0, 2, 1))
     return result
 
