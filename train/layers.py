@@ -64,7 +64,7 @@ class MapToImage(nn.Module):
     def forward(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         (h, w), (height, width) = maps.shape[-2:], size
         rows = torch.from_numpy(map_to_image_operator(int(h), int(height), self.sigma))
-        cols_t = torch.from_numpy(map_to_image_operator(int(w), int(width), self.sigma).T.copy())
+        cols_t = torch.from_numpy(map_to_image_operator(int(w), int(width), self.sigma).T)
         return rows @ maps @ cols_t
 
 
