@@ -52,10 +52,10 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def triangle_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+def triangle_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pillow's antialiased bilinear weights along one axis, (size_out, size_in): a triangle as wide as the
-    scale around each output pixel's centre, cut at the image's edges and renormalised; and which outputs
-    were cut."""
+    scale around each output pixel's centre, cut at the image's edges and renormalised; the outputs that
+    were cut, and the input lines those read."""
     scale = size_in / size_out
     support = max(scale, 1.0)
     centres = (np.arange(size_out) + 0.5) * scale
@@ -65,7 +65,8 @@ def triangle_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarra
     weights = np.clip(1 - np.abs((x[None] - centres[:, None] + 0.5) / support), 0, None)
     weights[(x[None] < first[:, None]) | (x[None] >= stop[:, None])] = 0
     weights = (weights / weights.sum(1, keepdims=True)).astype(np.float32)
-    return weights, (centres - support + 0.5 < 0) | (stop > size_in)
+    edges = np.nonzero((centres - support + 0.5 < 0) | (stop > size_in))[0]
+    return weights, edges, np.nonzero(weights[edges].any(0))[0]
 
 
 def _prefilter(factor: int) -> np.ndarray:
@@ -78,8 +79,8 @@ def _prefilter(factor: int) -> np.ndarray:
 def _shrink_by_whole_factors(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Triangle filter by whole factors: a small separable prefilter and OpenCV's block averaging (INTER_AREA)
     inside; the outputs at the edges, where Pillow cuts the triangle, computed exactly from its weights."""
-    rows, cut_rows = triangle_weights(image.shape[0], height)
-    cols, cut_cols = triangle_weights(image.shape[1], width)
+    rows, edge_rows, used_rows = triangle_weights(image.shape[0], height)
+    cols, edge_cols, used_cols = triangle_weights(image.shape[1], width)
     factors = (image.shape[0] // height, image.shape[1] // width)
     if factors == (2, 2):  # the common case: OpenCV's fixed-point 3×3 Gaussian is exactly [¼, ½, ¼] and twice as fast
         smoothed = cv2.GaussianBlur(image, (3, 3), 0, borderType=cv2.BORDER_REPLICATE)
@@ -87,9 +88,6 @@ def _shrink_by_whole_factors(image: np.ndarray, height: int, width: int) -> np.n
         smoothed = cv2.sepFilter2D(image, -1, _prefilter(factors[1]), _prefilter(factors[0]), delta=1e-3,
                                    borderType=cv2.BORDER_REPLICATE)  # delta: round halves up, as Pillow does
     result = cv2.resize(smoothed, (width, height), interpolation=cv2.INTER_AREA)
-    edge_rows, edge_cols = np.nonzero(cut_rows)[0], np.nonzero(cut_cols)[0]
-    used_rows = np.nonzero(rows[edge_rows].any(0))[0]
-    used_cols = np.nonzero(cols[edge_cols].any(0))[0]
     top_bottom = np.tensordot(rows[edge_rows][:, used_rows], image[used_rows].astype(np.float32), axes=(1, 0))
     result[edge_rows] = _rounded(np.tensordot(top_bottom, cols, axes=(1, 1)).transpose(0, 2, 1))
     left_right = np.tensordot(image[:, used_cols].astype(np.float32), cols[edge_cols][:, used_cols], axes=(1, 1))
