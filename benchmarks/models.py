@@ -1,5 +1,5 @@
 """Every model kind on one data set, end to end through the commands a user runs: inspect-train,
-inspect-export, inspect-calibrate and inspect-eval; then ONNX Runtime vs PyTorch parity on every test image,
+inspect-export, inspect-calibrate and inspect-eval; then parity of each CPU backend with PyTorch on every test image,
 per-frame latency on each available backend and in PyTorch eager mode, and the bundle size. Writes a JSON
 record and rewrites the generated table of BENCHMARKS.md.
 
@@ -7,6 +7,7 @@ record and rewrites the generated table of BENCHMARKS.md.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from edgeinspect.export.onnx_export import parity
-from edgeinspect.runtime.backends import BACKENDS, open_backend
-from edgeinspect.runtime.bench import median_ms
+from edgeinspect.runtime.backends import BACKENDS, BackendUnavailable, open_backend
+from edgeinspect.runtime.bench import interleaved_median_ms
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.images import load_resized
@@ -37,28 +38,36 @@ def timed(command: list) -> float:
     return time.perf_counter() - clock
 
 
-def parity_on_test_images(model, bundle, paths: list[Path]) -> float:
-    """Worst |ONNX Runtime − PyTorch| over maps and scores, relative to each batch's map range."""
-    backend = open_backend(bundle, "ort-cpu")
-    return max(parity(model, backend, load_resized(paths[start:start + 8], bundle.input_size)[0])["relative_diff"]
-               for start in range(0, len(paths), 8))
+def parity_on_test_images(model, bundle, paths: list[Path]) -> dict:
+    """Worst |backend − PyTorch| over maps and scores, relative to each batch's map range, for each CPU
+    backend that opens here."""
+    worst = {}
+    for name in ("openvino", "ort-cpu"):
+        try:
+            backend = open_backend(bundle, name)
+        except BackendUnavailable:
+            continue
+        worst[name] = max(parity(model, backend, load_resized(paths[i:i + 8], bundle.input_size)[0])["relative_diff"]
+                          for i in range(0, len(paths), 8))
+    return worst
 
 
 def latencies(model, bundle, threads: int) -> dict:
-    """Median ms per 1-image batch: each backend that can open here, and the same model in PyTorch eager."""
+    """Median ms per 1-image batch: each backend that can open here, and the same model in PyTorch eager,
+    measured in turns (side by side)."""
     frame = np.random.default_rng(0).integers(0, 256, (1, *bundle.input_size, 3), dtype=np.uint8)
-    result = {}
+    result, calls = {}, {}
     for name in BACKENDS:
         try:
             backend = open_backend(bundle, name, threads)
         except Exception as error:  # a backend whose library or device is missing here
             result[name] = f"unavailable: {error}"
             continue
-        result[name] = round(median_ms(lambda: backend(frame), 30), 2)
+        calls[name] = functools.partial(backend, frame)
     torch.set_num_threads(threads)
     with torch.inference_mode():
-        tensor = torch.from_numpy(frame)
-        result["pytorch-eager"] = round(median_ms(lambda: model(tensor), 30), 2)
+        calls["pytorch-eager"] = functools.partial(model, torch.from_numpy(frame))
+        result.update({name: round(ms, 2) for name, ms in interleaved_median_ms(calls).items()})
     return result
 
 
@@ -102,11 +111,17 @@ def benchmark(kind: str, data: str, work: Path, threads: int, extra: list[str], 
     return result
 
 
+def speed_up(latency_ms: dict) -> float:
+    """PyTorch eager's time over the fastest backend's, from the same side-by-side measurement."""
+    fastest = min(v for k, v in latency_ms.items() if k != "pytorch-eager" and isinstance(v, float))
+    return latency_ms["pytorch-eager"] / fastest
+
+
 def markdown_table(results: list[dict]) -> str:
     backends = [b for b in BACKENDS if any(isinstance(r["latency_ms"].get(b), float) for r in results)]
     head = ["model", "image AUROC", "pixel AUROC", "AUPRO", "F1-max", "at μ+3σ: precision / recall",
             "train s (epochs)", "export s", *[f"{b} ms/frame" for b in backends], "PyTorch eager ms/frame",
-            "bundle MB"]
+            "eager ÷ fastest", "bundle MB"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         m, at, training = r["metrics"], r["at_threshold"] or {}, r["run"].get("training")
@@ -118,7 +133,7 @@ def markdown_table(results: list[dict]) -> str:
             f"{m.get('aupro', float('nan')):.3f}", f"{m['f1_max']:.3f}",
             f"{at.get('precision', float('nan')):.3f} / {at.get('recall', float('nan')):.3f}",
             f"{r['train_s']:.0f}{epochs}", f"{r['export_s']:.0f}", *latency,
-            f"{r['latency_ms']['pytorch-eager']:.1f}", f"{r['bundle_mb']:.1f}",
+            f"{r['latency_ms']['pytorch-eager']:.1f}", f"{speed_up(r['latency_ms']):.1f}×", f"{r['bundle_mb']:.1f}",
         ]) + " |")
     return "\n".join(rows)
 

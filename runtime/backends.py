@@ -1,7 +1,7 @@
 """Inference backends: each runs the bundle's graph on a batch of uint8 RGB images (B, H, W, 3) and returns
 (anomaly_map (B, H, W) float32, score (B,) float32). `auto` takes the best one that works here, in the order
-tensorrt, ort-tensorrt, ort-cuda, ort-cpu, and says why the better ones were passed over. The GPU libraries
-(tensorrt, pycuda, onnxruntime-gpu) are imported only when their backend is opened."""
+tensorrt, ort-tensorrt, ort-cuda, openvino, ort-cpu, and says why the better ones were passed over. The GPU
+libraries (tensorrt, pycuda, onnxruntime-gpu) and OpenVINO are imported only when their backend is opened."""
 
 import os
 
@@ -61,6 +61,41 @@ class OrtCudaBackend(OrtBackend):
 
 class OrtTensorRTBackend(OrtBackend):
     name, provider, prefers_fp16 = "ort-tensorrt", "TensorrtExecutionProvider", False
+
+
+class OpenVinoBackend:
+    """OpenVINO on the CPU, running the fp32 ONNX graph with fp32 arithmetic (its bf16 default on CPUs with AMX
+    would shift the calibrated scores). One static-shape model per batch size, compiled when first needed:
+    a dynamic batch dimension costs a third more time per frame (see BENCHMARKS.md)."""
+
+    name = "openvino"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        try:
+            import openvino
+        except ImportError:
+            raise BackendUnavailable("openvino is not installed (pip install openvino)") from None
+        self.core = openvino.Core()
+        try:
+            self.model = self.core.read_model(bundle.model_file)
+        except Exception as error:
+            raise InspectError(f"{bundle.model_file}: OpenVINO cannot read it ({error})") from None
+        self.config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1}
+        self.output_names = bundle.record["outputs"]
+        self.requests = {}
+
+    def _request_for(self, shape: tuple[int, ...]):
+        if shape not in self.requests:
+            model = self.model.clone()
+            model.reshape({model.inputs[0].get_any_name(): list(shape)})
+            self.requests[shape] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return self.requests[shape]
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = self._request_for(images.shape).infer({0: images})
+        anomaly_map, score = (result[name] for name in self.output_names)
+        return anomaly_map[:, 0], score
 
 
 class TensorRTBackend:
@@ -135,7 +170,8 @@ def check_engine_matches_device(bundle: Bundle, engine: dict, tensorrt_version: 
                 f"TensorRT {here['tensorrt']}): rebuild it here with inspect-export {bundle.path} --engine")
 
 
-BACKENDS = {backend.name: backend for backend in (TensorRTBackend, OrtTensorRTBackend, OrtCudaBackend, OrtCpuBackend)}
+BACKENDS = {backend.name: backend for backend in
+            (TensorRTBackend, OrtTensorRTBackend, OrtCudaBackend, OpenVinoBackend, OrtCpuBackend)}
 
 
 def open_backend(bundle: Bundle, name: str = "auto", threads: int | None = None):

@@ -3,6 +3,7 @@ batch 1 and throughput at a larger batch, on synthetic frames; then the whole in
 (capture thread, resize, inference, verdict, regions, log, NG overlays) on a video, with the share of the
 frame time spent outside inference."""
 
+import functools
 import json
 import statistics
 import tempfile
@@ -34,6 +35,21 @@ def median_ms(call, runs: int, warmup: int = 5) -> float:
         call()
         times.append(time.perf_counter() - clock)
     return 1000 * statistics.median(times)
+
+
+def interleaved_median_ms(calls: dict, rounds: int = 5, runs: int = 10, warmup: int = 3) -> dict:
+    """Median ms per call of each named callable, measured in turns (rounds × runs each, after a warm-up in every
+    turn), so that a shared machine's slow and fast spells fall on all of them alike."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(warmup):
+                call()
+            for _ in range(runs):
+                clock = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - clock)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 def synthetic_video(path: Path, frames: int, size: tuple[int, int]) -> Path:
@@ -81,7 +97,9 @@ def bench(
                                "(default: a synthetic 640×480 one)."),
     frames: int = typer.Option(300, "--frames", help="Frames the whole-pipeline run inspects."),
     batch: int = typer.Option(8, "--batch", help="Batch size for the throughput measurement."),
-    runs: int = typer.Option(50, "--runs", help="Timed runs per measurement (median reported)."),
+    runs: int = typer.Option(50, "--runs", help="Timed runs per measurement (median reported; at batch 1 the "
+                             "backends take turns, 5 rounds)."),
+    backend: str = typer.Option("auto", "--backend", help="Backend of the whole-pipeline run."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
     out: Path = typer.Option(None, "--out", help="Also write the results as JSON here."),
 ):
@@ -92,24 +110,27 @@ def bench(
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, *bundle.input_size, 3), dtype=np.uint8)
     table = Table("backend", "ms/frame (batch 1)", f"frames/s (batch {batch})", title=f"{bundle_dir} on this machine")
-    results = {"backends": {}}
+    results, opened = {"backends": {}}, {}
     for name in BACKENDS:
         try:
-            backend = open_backend(bundle, name, threads)
+            opened[name] = open_backend(bundle, name, threads)
         except BackendUnavailable as reason:
             results["backends"][name] = {"unavailable": str(reason)}
-            table.add_row(name, "unavailable", str(reason)[:60])
-            continue
-        single = median_ms(lambda: backend(images[:1]), runs)
-        batched = median_ms(lambda: backend(images), max(5, runs // 5))
-        results["backends"][name] = {"ms_per_frame_batch1": round(single, 2),
-                                     "frames_per_s_batched": round(1000 * batch / batched, 1)}
-        table.add_row(name, f"{single:.2f}", f"{1000 * batch / batched:.1f}")
+    singles = interleaved_median_ms({name: functools.partial(backend, images[:1]) for name, backend in opened.items()},
+                                    runs=max(1, runs // 5))
+    for name in BACKENDS:
+        if name in opened:
+            batched = median_ms(functools.partial(opened[name], images), max(5, runs // 5))
+            results["backends"][name] = {"ms_per_frame_batch1": round(singles[name], 2),
+                                         "frames_per_s_batched": round(1000 * batch / batched, 1)}
+            table.add_row(name, f"{singles[name]:.2f}", f"{1000 * batch / batched:.1f}")
+        else:
+            table.add_row(name, "unavailable", results["backends"][name]["unavailable"][:60])
     console.print(table)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         clip = video or synthetic_video(work / "line.avi", min(frames, 100), (480, 640))
-        summary = pipeline(bundle_dir, clip, frames, "auto", threads, work)
+        summary = pipeline(bundle_dir, clip, frames, backend, threads, work)
     alone = results["backends"][summary["backend"]].get("ms_per_frame_batch1")
     if alone:  # the strictest view: what the pipeline adds to inference running alone, contention included
         summary["outside_inference_alone_share_p50"] = round(1 - alone / summary["frame_ms"]["p50"], 3)

@@ -72,7 +72,7 @@ def run(
                              "(a page at /, MJPEG at /stream.mjpg); 0 picks a free port."),
     view_host: str = typer.Option("127.0.0.1", "--view-host", help="Address the live view listens on (0.0.0.0 "
                                   "to reach it from another machine)."),
-    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda or ort-cpu."),
+    backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda, openvino or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
 ):
     """Score every frame, give an OK/NG verdict against the calibrated threshold, log one JSON line per frame

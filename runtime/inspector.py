@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .backends import open_backend
 from .bundle import Bundle
@@ -25,7 +26,11 @@ class Inspection:
 class Inspector:
     def __init__(self, bundle: Bundle, backend="auto", threads: int | None = None):
         """backend: a backend name (see open_backend), or any callable with a backend's contract, such as
-        the PyTorch model a benchmark compares against."""
+        the PyTorch model a benchmark compares against.
+
+        numpy's BLAS is held to one thread for the process: its threads spin after each product (the resize's
+        edge pixels) on the cores the backend computes on, which made every frame's inference up to 70% slower."""
+        threadpool_limits(1, user_api="blas")
         self.bundle = bundle
         self.size = bundle.input_size
         self.backend = open_backend(bundle, backend, threads) if isinstance(backend, str) else backend

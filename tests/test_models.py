@@ -2,11 +2,13 @@
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from edgeinspect.calibration.cli import eval_app
-from edgeinspect.runtime.backends import OrtCpuBackend
+from edgeinspect.runtime.backends import OpenVinoBackend, OrtCpuBackend
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.images import load_resized
 from edgeinspect.train.registry import MODEL_KINDS
@@ -36,16 +38,31 @@ def test_bundle_keeps_the_contract_and_parity(kind_bundle, mvtec_like):
     assert maps.shape == (3, 64, 64) and scores.shape == (3,)
 
 
-def test_restored_run_reproduces_the_bundle(kind_bundle, mvtec_like):
+@pytest.mark.parametrize("backend_class", [OrtCpuBackend, OpenVinoBackend])
+def test_restored_run_reproduces_the_bundle(kind_bundle, mvtec_like, backend_class):
     model, run = load_run(kind_bundle.parent)
     assert run["state"] == "finished"
     images, _ = load_resized(sorted((mvtec_like / "test" / "good").iterdir())[:2], (64, 64))
     with torch.inference_mode():
         torch_maps, torch_scores = model(torch.from_numpy(images))
-    ort_maps, ort_scores = OrtCpuBackend(load_bundle(kind_bundle))(images)
+    maps, scores = backend_class(load_bundle(kind_bundle))(images)
     scale = float(torch_maps.max() - torch_maps.min())
-    assert abs(ort_maps - torch_maps[:, 0].numpy()).max() <= 1e-4 * scale
-    assert abs(ort_scores - torch_scores.numpy()).max() <= 1e-4 * scale
+    assert abs(maps - torch_maps[:, 0].numpy()).max() <= 1e-4 * scale
+    assert abs(scores - torch_scores.numpy()).max() <= 1e-4 * scale
+
+
+def test_openvino_follows_the_batch_size(kind_bundle, mvtec_like):
+    images, _ = load_resized(sorted((mvtec_like / "test" / "pasted").iterdir())[:3], (64, 64))
+    bundle = load_bundle(kind_bundle)
+    openvino, reference = OpenVinoBackend(bundle), OrtCpuBackend(bundle)
+    for batch in (images[:1], images, images[1:2]):
+        maps, scores = openvino(batch)
+        expected_maps, expected_scores = reference(batch)
+        assert maps.shape == (len(batch), 64, 64) and scores.shape == (len(batch),)
+        scale = float(expected_maps.max() - expected_maps.min())
+        assert np.abs(maps - expected_maps).max() <= 1e-4 * scale
+        assert np.abs(scores - expected_scores).max() <= 1e-4 * scale
+    assert sorted(shape[0] for shape in openvino.requests) == [1, 3]
 
 
 def test_calibration_and_evaluation_work_unchanged(kind_bundle, mvtec_like, tmp_path):

@@ -164,6 +164,22 @@ def test_inspect_bench_reports_backends_and_the_pipeline(patchcore_bundle, tmp_p
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["backends"]["ort-cpu"]["ms_per_frame_batch1"] > 0
+    assert report["backends"]["openvino"]["ms_per_frame_batch1"] > 0
+    assert report["pipeline"]["backend"] == "openvino"
     assert "unavailable" in report["backends"]["tensorrt"] or report["backends"]["tensorrt"]["ms_per_frame_batch1"] > 0
     assert report["pipeline"]["frames"] == 20 and 0 <= report["pipeline"]["outside_inference_share_p50"] < 1
     assert "outside inference" in result.output
+
+
+def test_inspector_keeps_numpy_blas_off_the_inference_cores(patchcore_bundle):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from edgeinspect.runtime.bundle import load_bundle
+    from edgeinspect.runtime.inspector import Inspector
+
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("numpy has no BLAS with a thread pool here")
+    with threadpool_limits(2, user_api="blas"):  # restored afterwards for the other tests
+        Inspector(load_bundle(patchcore_bundle))
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
