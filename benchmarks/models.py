@@ -178,9 +178,11 @@ def main():
     results = [results[k] for k in MODEL_KINDS if k in results]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     reused = f" --reuse-runs {args.reuse_runs}" if args.reuse_runs else ""
-    header = (f"Generated {time.strftime('%Y-%m-%d')} by `python benchmarks/models.py --data {args.data}{reused}` on "
+    header = (f"Generated {time.strftime('%Y-%m-%d')} by `python benchmarks/models.py --data {args.data} --work {args.work}{reused}` on "
               f"{machine} (options other than the defaults are shown after the model); latency: batch 1, "
-              f"{args.threads} threads, median of 30.")
+              f"{args.threads} threads, each backend and PyTorch eager called 20 times to settle, then timed in "
+              f"turns (5 rounds of 10 calls each); medians. \"eager ÷ fastest\" is PyTorch eager's time over the "
+              f"fastest backend's.")
     update_benchmarks_md(args.markdown, header, markdown_table(results))
     print(json.dumps(results, indent=2))
 

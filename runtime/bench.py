@@ -37,9 +37,13 @@ def median_ms(call, runs: int, warmup: int = 5) -> float:
     return 1000 * statistics.median(times)
 
 
-def interleaved_median_ms(calls: dict, rounds: int = 5, runs: int = 10, warmup: int = 3) -> dict:
+def interleaved_median_ms(calls: dict, rounds: int = 5, runs: int = 10, warmup: int = 3, settle: int = 20) -> dict:
     """Median ms per call of each named callable, measured in turns (rounds × runs each, after a warm-up in every
-    turn), so that a shared machine's slow and fast spells fall on all of them alike."""
+    turn), so that a shared machine's slow and fast spells fall on all of them alike. Each is first called
+    `settle` times: PyTorch eager takes tens of calls to reach its steady speed (its allocations settle)."""
+    for call in calls.values():
+        for _ in range(settle):
+            call()
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():

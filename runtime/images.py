@@ -89,7 +89,7 @@ def _shrink_by_whole_factors(image: np.ndarray, height: int, width: int) -> np.n
                                    borderType=cv2.BORDER_REPLICATE)  # delta: round halves up, as Pillow does
     result = cv2.resize(smoothed, (width, height), interpolation=cv2.INTER_AREA)
     top_bottom = np.tensordot(rows[edge_rows][:, used_rows], image[used_rows].astype(np.float32), axes=(1, 0))
-    result[edge_rows] = _rounded(np.tensordot(top_bottom, cols, axes=(1, 1)).transpose(0, 2, 1))
+    result[edge_rows] = _rounded(np.tensordot(cols, top_bottom, axes=(1, 1)).transpose(1, 0, 2))
     left_right = np.tensordot(image[:, used_cols].astype(np.float32), cols[edge_cols][:, used_cols], axes=(1, 1))
     result[:, edge_cols] = _rounded(np.tensordot(rows, left_right, axes=(1, 0)).transpose(0, 2, 1))
     return result
