@@ -87,7 +87,7 @@ def main():
     later = [memory for frames, memory in samples if frames >= WARMUP_FRAMES]
     result = {
         "frames_asked": args.frames, "json_lines": lines, "summary_frames": summary["frames"],
-        "video_frames": clip_frames, "rss_after_warmup_mb": round(after_warmup or 0, 1),
+        "video_frames": clip_frames, "backend": summary["backend"], "rss_after_warmup_mb": round(after_warmup or 0, 1),
         "rss_max_after_warmup_mb": round(max(later or [0]), 1), "rss_end_mb": round(samples[-1][1], 1),
         "growth_mb": round(max(later or [0]) - (after_warmup or 0), 1), "fps": summary["fps"],
         "ng": summary["ng"], "exit_code": process.returncode, "total_ms": summary.get("total_ms"),

@@ -119,7 +119,7 @@ def run(
                 live_view.close()
     if grabber.error is not None and not isinstance(grabber.error, KeyboardInterrupt):
         raise grabber.error
-    summary = stats.summary(grabber.dropped, frames.reconnects)
+    summary = {**stats.summary(grabber.dropped, frames.reconnects), "backend": chosen.name}
     atomic_write_json(out / "summary.json", summary)
     total = summary.get("total_ms", {})
     console.print(f"{summary['frames']} frames, {summary['ng']} NG, {summary['dropped']} dropped, "

@@ -124,6 +124,7 @@ def test_sigterm_stops_cleanly_with_a_summary_and_no_lost_line(patchcore_bundle,
     assert process.returncode == 0, output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["frames"] >= 5 and len(read_log(tmp_path)) == summary["frames"]
+    assert summary["backend"] == "openvino"
     assert f"{summary['frames']} frames" in output and "p99" in output and "Traceback" not in output
 
 
