@@ -65,8 +65,8 @@ class OrtTensorRTBackend(OrtBackend):
 
 class OpenVinoBackend:
     """OpenVINO on the CPU, running the fp32 ONNX graph with fp32 arithmetic (its bf16 default on CPUs with AMX
-    would shift the calibrated scores). One static-shape model per batch size, compiled when first needed:
-    a dynamic batch dimension costs a third more time per frame (see BENCHMARKS.md)."""
+    would shift the calibrated scores). One static-shape model per batch size, batch 1 on opening and the
+    others when first needed: a dynamic batch dimension costs a third more time per frame (BENCHMARKS.md)."""
 
     name = "openvino"
 
@@ -76,14 +76,15 @@ class OpenVinoBackend:
         except ImportError:
             raise BackendUnavailable("openvino is not installed (pip install openvino)") from None
         self.core = openvino.Core()
-        try:
-            self.model = self.core.read_model(bundle.model_file)
-        except Exception as error:
-            raise InspectError(f"{bundle.model_file}: OpenVINO cannot read it ({error})") from None
         self.config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                        "INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1}
         self.output_names = bundle.record["outputs"]
         self.requests = {}
+        try:  # compiled for batch 1 now, so that a graph OpenVINO cannot run falls back to ONNX Runtime
+            self.model = self.core.read_model(bundle.model_file)
+            self._request_for((1, *bundle.input_size, 3))
+        except Exception as error:
+            raise BackendUnavailable(f"{bundle.model_file}: OpenVINO cannot compile it ({error})") from None
 
     def _request_for(self, shape: tuple[int, ...]):
         if shape not in self.requests:

@@ -70,3 +70,19 @@ def test_calibration_and_evaluation_work_unchanged(kind_bundle, mvtec_like, tmp_
     invoke(eval_app, kind_bundle, "--data", mvtec_like, "--out", tmp_path / "eval.json")
     overall = json.loads((tmp_path / "eval.json").read_text())["metrics"]["overall"]
     assert 0 <= overall["image_auroc"] <= 1 and 0 <= overall["pixel_auroc"] <= 1
+
+
+def test_a_graph_openvino_cannot_compile_is_passed_over(patchcore_bundle, tmp_path):
+    import shutil
+
+    from edgeinspect.runtime.backends import BackendUnavailable, open_backend
+    from edgeinspect.runtime.console import InspectError
+
+    broken = tmp_path / "bundle"
+    shutil.copytree(patchcore_bundle, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    bundle = load_bundle(broken, verify=False)
+    with pytest.raises(BackendUnavailable, match="model.onnx: OpenVINO cannot compile it"):
+        OpenVinoBackend(bundle)
+    with pytest.raises(InspectError, match="ONNX Runtime cannot load it"):  # auto went on to ONNX Runtime
+        open_backend(bundle)
