@@ -1,6 +1,6 @@
 """Every model kind on one data set, end to end through the commands a user runs: inspect-train,
-inspect-export, inspect-calibrate and inspect-eval; then parity of each CPU backend with PyTorch on every test image,
-per-frame latency on each available backend and in PyTorch eager mode, and the bundle size. Writes a JSON
+inspect-export, inspect-calibrate and inspect-eval; then parity of each CPU backend with PyTorch on every test
+image, per-frame latency on each available backend and in PyTorch eager mode, and the bundle size. Writes a JSON
 record and rewrites the generated table of BENCHMARKS.md.
 
     python benchmarks/models.py --data ../shared/data/mvtec_ad/bottle --work /tmp/bench
@@ -133,7 +133,8 @@ def markdown_table(results: list[dict]) -> str:
             f"{m.get('aupro', float('nan')):.3f}", f"{m['f1_max']:.3f}",
             f"{at.get('precision', float('nan')):.3f} / {at.get('recall', float('nan')):.3f}",
             f"{r['train_s']:.0f}{epochs}", f"{r['export_s']:.0f}", *latency,
-            f"{r['latency_ms']['pytorch-eager']:.1f}", f"{speed_up(r['latency_ms']):.1f}×", f"{r['bundle_mb']:.1f}",
+            f"{r['latency_ms']['pytorch-eager']:.1f}", f"{speed_up(r['latency_ms']):.1f}×",
+            f"{r['bundle_mb']:.1f}",
         ]) + " |")
     return "\n".join(rows)
 
@@ -178,9 +179,9 @@ def main():
     results = [results[k] for k in MODEL_KINDS if k in results]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     reused = f" --reuse-runs {args.reuse_runs}" if args.reuse_runs else ""
-    header = (f"Generated {time.strftime('%Y-%m-%d')} by `python benchmarks/models.py --data {args.data} --work {args.work}{reused}` on "
-              f"{machine} (options other than the defaults are shown after the model); latency: batch 1, "
-              f"{args.threads} threads, each backend and PyTorch eager called 20 times to settle, then timed in "
+    command = f"python benchmarks/models.py --data {args.data} --work {args.work}{reused}"
+    header = (f"Generated {time.strftime('%Y-%m-%d')} by `{command}` on {machine} (options other than the "
+              f"defaults are shown after the model); latency: batch 1, {args.threads} threads, each backend and PyTorch eager called 20 times to settle, then timed in "
               f"turns (5 rounds of 10 calls each); medians. \"eager ÷ fastest\" is PyTorch eager's time over the "
               f"fastest backend's.")
     update_benchmarks_md(args.markdown, header, markdown_table(results))

@@ -139,7 +139,9 @@ def bench(
     if alone:  # the strictest view: what the pipeline adds to inference running alone, contention included
         summary["outside_inference_alone_share_p50"] = round(1 - alone / summary["frame_ms"]["p50"], 3)
     results["pipeline"] = summary
-    stages = Table("stage", "p50 ms", "p95 ms", "p99 ms", title=f"inspect-run pipeline on {clip.name if video else 'a synthetic 640×480 video'} ({summary['backend']})")
+    clip_name = clip.name if video else "a synthetic 640×480 video"
+    stages = Table("stage", "p50 ms", "p95 ms", "p99 ms",
+                   title=f"inspect-run pipeline on {clip_name} ({summary['backend']})")
     for stage in ("capture", "preprocess", "inference", "postprocess", "total", "frame"):
         values = summary[f"{stage}_ms"]
         stages.add_row(stage, f"{values['p50']:.2f}", f"{values['p95']:.2f}", f"{values['p99']:.2f}")
