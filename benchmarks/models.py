@@ -182,8 +182,8 @@ def main():
     command = f"python benchmarks/models.py --data {args.data} --work {args.work}{reused}"
     header = (f"Generated {time.strftime('%Y-%m-%d')} by `{command}` on {machine} (options other than the "
               f"defaults are shown after the model); latency: batch 1, {args.threads} threads, each backend and "
-              f"PyTorch eager called 20 times to settle, then timed in turns (5 rounds of 10 calls each); medians. \"eager ÷ fastest\" is PyTorch eager's time over the "
-              f"fastest backend's.")
+              f"PyTorch eager called 20 times to settle, then timed in turns (5 rounds of 10 calls each); "
+              f"medians. \"eager ÷ fastest\" is PyTorch eager's time over the fastest backend's.")
     update_benchmarks_md(args.markdown, header, markdown_table(results))
     print(json.dumps(results, indent=2))
 
