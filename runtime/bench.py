@@ -26,15 +26,20 @@ from .sources import open_source
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def median_ms(call, runs: int, warmup: int = 5) -> float:
+def call_times_ms(call, runs: int, warmup: int) -> list[float]:
+    """ms of each of `runs` calls, after `warmup` untimed ones."""
     for _ in range(warmup):
         call()
     times = []
     for _ in range(runs):
         clock = time.perf_counter()
         call()
-        times.append(time.perf_counter() - clock)
-    return 1000 * statistics.median(times)
+        times.append(1000 * (time.perf_counter() - clock))
+    return times
+
+
+def median_ms(call, runs: int, warmup: int = 5) -> float:
+    return statistics.median(call_times_ms(call, runs, warmup))
 
 
 def interleaved_median_ms(calls: dict, rounds: int = 5, runs: int = 10, warmup: int = 3, settle: int = 20) -> dict:
@@ -42,18 +47,12 @@ def interleaved_median_ms(calls: dict, rounds: int = 5, runs: int = 10, warmup: 
     turn), so that a shared machine's slow and fast spells fall on all of them alike. Each is first called
     `settle` times: PyTorch eager takes tens of calls to reach its steady speed (its allocations settle)."""
     for call in calls.values():
-        for _ in range(settle):
-            call()
+        call_times_ms(call, 0, settle)
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            for _ in range(warmup):
-                call()
-            for _ in range(runs):
-                clock = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - clock)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+            times[name] += call_times_ms(call, runs, warmup)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def synthetic_video(path: Path, frames: int, size: tuple[int, int]) -> Path:
