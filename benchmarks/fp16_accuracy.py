@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edgeinspect.calibration.evaluate import evaluate, predict
-from edgeinspect.export.precision import with_half_precision
+from edgeinspect.export.half_precision import with_half_precision
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.train.registry import MODEL_KINDS

@@ -1,13 +1,32 @@
 #!/usr/bin/env bash
-# On a GPU box or Jetson with TensorRT (and pycuda): build the bundle's engine on this device, check it
-# against ONNX Runtime on the CPU, and report per-frame latency of every backend that opens here.
+# On a GPU box or Jetson with TensorRT: check the bundle's engine against ONNX Runtime on the CPU and report
+# per-frame latency of every backend that opens here. The engine in the bundle is measured as it is; one is
+# built only when there is none, when --rebuild is given, or when --fp16/--fp32 asks for another precision.
 #
-#   benchmarks/gpu_check.sh BUNDLE [IMAGE_FOLDER] [--fp16]
+#   benchmarks/gpu_check.sh BUNDLE [--images DIR] [--fp16 | --fp32] [--rebuild]
 set -euo pipefail
-bundle=${1:?usage: benchmarks/gpu_check.sh BUNDLE [IMAGE_FOLDER] [--fp16]}
-images=${2:-}
-precision=${3:-}
-inspect-export "$bundle" --engine $precision
+usage="usage: benchmarks/gpu_check.sh BUNDLE [--images DIR] [--fp16 | --fp32] [--rebuild]"
+bundle=${1:?$usage}
+shift
+images="" precision="" rebuild=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --images) images=${2:?$usage}; shift 2 ;;
+        --fp16) precision=fp16; shift ;;
+        --fp32) precision=fp32; shift ;;
+        --rebuild) rebuild=1; shift ;;
+        *) echo "$usage" >&2; exit 2 ;;
+    esac
+done
+built=$(python -c "import json,sys; e=json.load(open(sys.argv[1]+'/bundle.json')).get('engine') or {}; \
+print(e.get('precision', 'fp16' if e.get('fp16') else 'fp32') if e else '')" "$bundle")
+if [ "$rebuild" = 1 ] || [ -z "$built" ] || { [ -n "$precision" ] && [ "$precision" != "$built" ]; }; then
+    want=${precision:-${built:-fp32}}
+    echo "building a $want engine (in the bundle: ${built:-none})"
+    inspect-export "$bundle" --engine $([ "$want" = fp16 ] && echo --fp16)
+else
+    echo "measuring the $built engine already in the bundle (--rebuild to build it again)"
+fi
 python - "$bundle" "$images" <<'PY'
 import sys
 

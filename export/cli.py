@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from edgeinspect.runtime.bundle import BUNDLE_RECORD
+from edgeinspect.runtime.bundle import BUNDLE_RECORD, load_bundle
 from edgeinspect.runtime.console import InspectError, console, one_line_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -37,20 +37,25 @@ def export(
     batch_sizes: str = typer.Option("1,1,8", "--batch-sizes", help="Engine optimisation profile MIN,OPT,MAX; MAX "
                                     "also bounds the tensor-size check."),
     workspace_mb: int = typer.Option(2048, "--workspace-mb", help="TensorRT builder workspace limit in MiB."),
+    timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (default: one per "
+                                      "GPU model and TensorRT version in ~/.cache/edge-inspect/tensorrt)."),
 ):
     """Export to ONNX (uint8 images in; anomaly_map and score out), check it against PyTorch and against what
-    TensorRT accepts, and write the bundle."""
-    from .onnx_export import MODEL_FILE, EngineOptions, engine_for_bundle, export_bundle, report_tensorrt_check
+    TensorRT accepts, and write the bundle. On a bundle (--engine, --fp16, --check) no torch is needed."""
+    from .device_export import EngineOptions, engine_for_bundle, report_tensorrt_check
 
+    if workspace_mb < 1:
+        raise InspectError(f"--workspace-mb must be at least 1, got {workspace_mb}")
     options = EngineOptions(fp16=fp16, build_engine=engine, batch_sizes=parse_batch_sizes(batch_sizes),
-                            workspace_mb=workspace_mb)
+                            workspace_mb=workspace_mb, timing_cache=timing_cache)
     is_bundle = (path / BUNDLE_RECORD).is_file()
     if check:
         if not is_bundle:
             raise InspectError(f"{path}: --check needs a bundle folder (one with {BUNDLE_RECORD})")
-        report = report_tensorrt_check(path / MODEL_FILE, options.batch_sizes[-1])
+        model_file = load_bundle(path).model_file
+        report = report_tensorrt_check(model_file, options.batch_sizes[-1])
         if not report["ok"]:
-            raise InspectError(f"{path / MODEL_FILE}: {len(report['problems'])} problem(s) for TensorRT, first: "
+            raise InspectError(f"{model_file}: {len(report['problems'])} problem(s) for TensorRT, first: "
                                f"{report['problems'][0]}")
         return
     if is_bundle:
@@ -58,6 +63,8 @@ def export(
             raise InspectError(f"{path} is a bundle: give --engine/--fp16 to build for this device, or --check")
         bundle = engine_for_bundle(path, options)
     else:
+        from .onnx_export import export_bundle  # torch, timm and the training code: the workstation only
+
         bundle = export_bundle(path, out, opset, engine=options)
     size_mb = sum(f["bytes"] for f in bundle.record["files"].values()) / 1e6
     console.print(f"bundle written to {bundle.path} ({size_mb:.1f} MB); next: inspect-calibrate {bundle.path}")

@@ -5,43 +5,29 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from rich.markup import escape
 
 import edgeinspect
 from edgeinspect.runtime.backends import OrtCpuBackend
-from edgeinspect.runtime.bundle import BUNDLE_FORMAT_VERSION, Bundle, file_digests, load_bundle
+from edgeinspect.runtime.bundle import BUNDLE_FORMAT_VERSION, Bundle, file_digests
 from edgeinspect.runtime.console import InspectError, console, warn
 from edgeinspect.runtime.files import replace_dir
 from edgeinspect.runtime.images import load_resized
 from edgeinspect.train.run import load_run
 
-from .precision import convert_fp16, fp32_nodes, onnx_scopes
+from .device_export import EngineOptions, add_engine, add_fp16_model, model_files, report_tensorrt_check
+from .precision import fp32_nodes, onnx_scopes
 from .static_padding import with_static_padding
-from .tensorrt_check import check_tensorrt
-from .tensorrt_engine import ENGINE_FILE, TIMING_CACHE_FILE, build_engine, tensorrt_unavailable
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ["anomaly_map", "score"]
 MODEL_FILE = "model.onnx"
-FP16_MODEL_FILE = "model_fp16.onnx"
 PARITY_TOLERANCE = 1e-4  # of the anomaly map's value range
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """What the TensorRT engine (and the compatibility check) is built for."""
-
-    fp16: bool = False
-    build_engine: bool = False  # also without --fp16: an fp32 engine
-    batch_sizes: tuple[int, int, int] = (1, 1, 8)  # optimisation profile: min, opt, max
-    workspace_mb: int = 2048
 
 
 def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parity_images: int = 8,
@@ -67,6 +53,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
         half_scopes = onnx_scopes(model.half_precision_modules)
         record["precision"] = {"half_scopes": half_scopes, "fp32_nodes": fp32_nodes(staging / MODEL_FILE, half_scopes)}
         record["tensorrt_check"] = report_tensorrt_check(staging / MODEL_FILE, engine.batch_sizes[-1])
+        record["batch_profile"] = list(engine.batch_sizes)
         if engine.fp16:
             add_fp16_model(bundle)
         if engine.fp16 or engine.build_engine:
@@ -78,69 +65,6 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Bundle(out, record)
-
-
-def model_files(record: dict) -> list[str]:
-    files = [record["model_file"], record.get("fp16_model_file"), (record.get("engine") or {}).get("file")]
-    return [name for name in files if name]
-
-
-def report_tensorrt_check(model_path: Path, max_batch: int) -> dict:
-    """Run the TensorRT compatibility check, warn about each problem, and return its record."""
-    report = check_tensorrt(model_path, max_batch)
-    for problem in report.problems:
-        warn(f"TensorRT would refuse {model_path.name}: {problem}")
-    if report.ok:
-        console.print(f"TensorRT check: every operator, type and shape is supported up to batch {max_batch} "
-                      f"(largest tensor {report.largest_tensor[1]:,} elements)")
-    return report.to_dict()
-
-
-def add_fp16_model(bundle: Bundle) -> None:
-    """model_fp16.onnx beside model.onnx, for ONNX Runtime's GPU providers."""
-    convert_fp16(bundle.model_file, bundle.path / FP16_MODEL_FILE, bundle.record["precision"]["fp32_nodes"])
-    bundle.record["fp16_model_file"] = FP16_MODEL_FILE
-
-
-def add_engine(bundle: Bundle, options: EngineOptions) -> None:
-    """Build the TensorRT engine into the bundle folder, or say plainly why none was built."""
-    reason = tensorrt_unavailable()
-    if reason is not None:
-        bundle.record["engine"] = None
-        console.print(f"[yellow]no TensorRT engine built[/yellow]: {escape(reason)}. The bundle runs on ONNX Runtime; "
-                      f"to build the engine, run inspect-export BUNDLE --engine{' --fp16' if options.fp16 else ''} "
-                      "on the device itself")
-        return
-    if not bundle.record["tensorrt_check"]["ok"]:
-        raise InspectError("TensorRT compatibility check failed: " + bundle.record["tensorrt_check"]["problems"][0])
-    source = bundle.model_file
-    bundle.record["engine"] = build_engine(source, bundle.path / ENGINE_FILE, options.fp16,
-                                           bundle.record["precision"]["fp32_nodes"], options.batch_sizes,
-                                           options.workspace_mb, bundle.path / TIMING_CACHE_FILE)
-    console.print(f"TensorRT engine written ({bundle.record['engine']['gpu']}, TensorRT "
-                  f"{bundle.record['engine']['tensorrt']}, {'fp16' if options.fp16 else 'fp32'})")
-
-
-def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
-    """Add an engine (and the fp16 model) to an existing bundle, on the device that will run it."""
-    bundle = load_bundle(bundle_dir)
-    if "precision" not in bundle.record:
-        raise InspectError(f"{bundle_dir}: exported before fp16 and engine support; export it again from its run "
-                           "folder (inspect-export RUN), then build the engine")
-    staging = Path(tempfile.mkdtemp(dir=bundle.path.parent, prefix=f".{bundle.path.name}.staging-"))
-    try:
-        shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
-        staged = Bundle(staging, bundle.record)
-        if options.fp16 and not bundle.record.get("fp16_model_file"):
-            add_fp16_model(staged)
-        add_engine(staged, options)
-        bundle.record["files"] = file_digests(staging, model_files(bundle.record))
-        staged.save()
-        replace_dir(staging, bundle.path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return load_bundle(bundle.path)
 
 
 def export_onnx(model: torch.nn.Module, path: Path, size: tuple[int, int], opset: int) -> None:

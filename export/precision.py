@@ -1,14 +1,13 @@
 """Which parts of a graph may run in fp16. Each model names the modules that tolerate it (the backbone,
 the student, the feature autoencoder); every other node (distances, Min over the bank, softmax, feature
 normalisation, products of maps, smoothing) stays in fp32. The same node list drives the fp16 ONNX model
-and the TensorRT engine's layer precisions, and travels in bundle.json."""
+and, through it, the TensorRT engine: a strongly typed network takes each layer's precision from the fp16
+ONNX's types. No torch here: the device converts a bundle's model itself when it lacks the fp16 one."""
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 
 
 def onnx_scopes(module_names: tuple[str, ...]) -> list[str]:
@@ -53,7 +52,7 @@ def convert_fp16(model_path: Path, out_path: Path, keep_fp32: list[str]) -> None
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    casts, renamed = [], {}
+    casts, renamed, half_copies = [], {}, {}
     for node in half_nodes:
         if node.op_type == "Constant" and node.attribute[0].t.data_type == onnx.TensorProto.FLOAT:
             node.attribute[0].t.CopyFrom(_to_half(node.attribute[0].t))
@@ -63,13 +62,18 @@ def convert_fp16(model_path: Path, out_path: Path, keep_fp32: list[str]) -> None
             if name in initializers and name in float_tensors:
                 if all(c.name not in keep for c in consumers[name]):
                     initializers[name].CopyFrom(_to_half(initializers[name]))
-                    continue
-            if name in float_tensors and name not in produced_in_half and name not in initializers:
+                elif name not in half_copies:  # shared with an fp32 node: the fp16 nodes get a copy of their own
+                    half_copies[name] = _to_half(initializers[name], name + "_fp16")
+                if name in half_copies:
+                    node.input[index] = half_copies[name].name
+                continue
+            if name in float_tensors and name not in produced_in_half:
                 if name not in renamed:
                     renamed[name] = name + "_fp16"
                     casts.append(onnx.helper.make_node("Cast", [name], [renamed[name]], name=renamed[name],
                                                        to=onnx.TensorProto.FLOAT16))
                 node.input[index] = renamed[name]
+    graph.initializer.extend(half_copies.values())
     outputs = {o.name for o in graph.output}
     for name in sorted(produced_in_half & float_tensors):
         fp32_users = [c for c in consumers.get(name, []) if c.name in keep]
@@ -85,7 +89,7 @@ def convert_fp16(model_path: Path, out_path: Path, keep_fp32: list[str]) -> None
     graph.node.extend(casts)
     del graph.value_info[:]
     sorted_model = _topological(model)
-    onnx.checker.check_model(sorted_model)
+    onnx.checker.check_model(sorted_model, full_check=True)  # with type inference: mixed fp16/fp32 inputs fail
     onnx.save(sorted_model, str(out_path))
 
 
@@ -97,9 +101,9 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _to_half(tensor: onnx.TensorProto) -> onnx.TensorProto:
+def _to_half(tensor: onnx.TensorProto, name: str | None = None) -> onnx.TensorProto:
     array = onnx.numpy_helper.to_array(tensor)
-    return onnx.numpy_helper.from_array(np.clip(array, -65504, 65504).astype(np.float16), tensor.name)
+    return onnx.numpy_helper.from_array(np.clip(array, -65504, 65504).astype(np.float16), name or tensor.name)
 
 
 def _topological(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -118,26 +122,3 @@ def _topological(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(ordered)
     return model
-
-
-class HalfPrecision(torch.nn.Module):
-    """Stand-in for an fp16 engine on the CPU: runs a module in fp16 (weights and activations) and hands fp32
-    back to the fp32 parts of the model."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner.half()
-
-    def forward(self, x: torch.Tensor):
-        out = self.inner(x.half())
-        return [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
-
-
-def with_half_precision(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a trained model whose fp16-tolerant modules compute in fp16, as the engine would."""
-    model = copy.deepcopy(model)
-    for name in model.half_precision_modules:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, HalfPrecision(getattr(parent, child)))
-    return model.eval()

@@ -1,7 +1,7 @@
 """Will TensorRT take this ONNX graph? A check that needs neither a GPU nor TensorRT: operators against the
 ONNX parser's support matrix (kept as data, with its source, in tensorrt_support.json), the opset, data
 types, shapes static apart from the batch the optimisation profile covers, no tensor over 2³¹−1 elements at
-the largest batch, and TopK's k within TensorRT's limit."""
+the largest batch, TopK's k within TensorRT's limit, and UINT8 only at the network's inputs and outputs."""
 
 import json
 from dataclasses import dataclass, field
@@ -77,7 +77,7 @@ def _check_topk(node, initializers, constants, where, report) -> None:
         report.problems.append(f"{where}: K must be a constant for TensorRT")
         return
     if int(k.max()) > SUPPORT["max_topk"]:
-        report.problems.append(f"{where}: k = {int(k.max())} exceeds TensorRT's TopK limit of {SUPPORT['max_topk']}")
+        report.problems.append(f"{where}: k = {int(k.max())} exceeds TensorRT's TopK limit (k ≤ {SUPPORT['max_topk']})")
 
 
 def _check_resize(node, where, report) -> None:
@@ -101,8 +101,13 @@ def _check_shapes_and_types(model: onnx.ModelProto, max_batch: int, report: Comp
     if report.problems:
         return
     allowed = {getattr(onnx.TensorProto, name) for name in SUPPORT["data_types"]}
+    io_only = {getattr(onnx.TensorProto, name) for name in SUPPORT["io_only_data_types"]}
+    outputs = {o.name for o in model.graph.output}
     at_one, at_two = _tensor_sizes(model, 1), _tensor_sizes(model, 2)
     for name, (one, dtype) in at_one.items():
+        if dtype in io_only and name not in outputs:
+            report.problems.append(f"tensor {name!r}: {onnx.TensorProto.DataType.Name(dtype)} is allowed only as "
+                                   "a network input or output in TensorRT")
         elements = one + (at_two[name][0] - one) * (max_batch - 1)
         if elements > report.largest_tensor[1]:
             report.largest_tensor = (name, elements)
@@ -113,7 +118,7 @@ def _check_shapes_and_types(model: onnx.ModelProto, max_batch: int, report: Comp
             report.problems.append(f"tensor {name!r}: data type {onnx.TensorProto.DataType.Name(dtype)} "
                                    "not supported by TensorRT")
     for init in model.graph.initializer:
-        if init.data_type not in allowed:
+        if init.data_type not in allowed or init.data_type in io_only:
             report.problems.append(f"initializer {init.name!r}: data type "
                                    f"{onnx.TensorProto.DataType.Name(init.data_type)} not supported by TensorRT")
 

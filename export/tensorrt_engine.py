@@ -1,12 +1,18 @@
-"""TensorRT engine from the bundle's ONNX graph (TensorRT 10 Python API). Imported only where TensorRT and
-a GPU exist: on a Jetson (JetPack ships TensorRT) or a GPU box with the `gpu` extra."""
+"""TensorRT engine from one of the bundle's ONNX graphs, with one code path for TensorRT 10.x and 11.x: a
+strongly typed network (the precision of every layer comes from the ONNX's types, so model_fp16.onnx gives
+an fp16 engine with the fragile layers in fp32, and model.onnx an fp32 one), no precision flags, TF32 off,
+every builder result checked. Runs on the device itself (a Jetson, a GPU box) without torch: the GPU is
+queried through CUDA (runtime/cuda_device.py). The names used here are listed, with their source, in
+tensorrt_api.json."""
 
+import re
 from pathlib import Path
 
 from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.cuda_device import CudaUnavailable, open_cuda
+from edgeinspect.runtime.files import atomic_write_bytes, cache_dir, sha256_file
 
 ENGINE_FILE = "model.engine"
-TIMING_CACHE_FILE = "timing.cache"
 
 
 def tensorrt_unavailable() -> str | None:
@@ -14,74 +20,73 @@ def tensorrt_unavailable() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return "the tensorrt package is not importable (JetPack ships it; elsewhere: pip install -e '.[gpu]')"
+        return ("the tensorrt package is not importable (JetPack ships it; on an x86 GPU box: "
+                "pip install 'edge-inspect[gpu]')")
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible"
-    except ImportError:
-        return "torch is not importable"
+        open_cuda().close()
+    except CudaUnavailable as reason:
+        return str(reason)
     return None
 
 
 def device_identity() -> dict:
-    import tensorrt as trt
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0),
-            "compute_capability": f"{major}.{minor}"}
-
-
-def build_engine(onnx_path: Path, engine_path: Path, fp16: bool, fp32_nodes: list[str], batch_sizes: tuple[int, int, int],
-                 workspace_mb: int, cache_path: Path) -> dict:
-    """Parse, build (FP16 where allowed, the fragile layers pinned to FP32), write the engine; returns its record."""
+    """What an engine is tied to: the TensorRT version and the GPU (name and compute capability)."""
     import tensorrt as trt
 
+    cuda = open_cuda()
+    try:
+        major, minor = cuda.compute_capability()
+        return {"tensorrt": trt.__version__, "gpu": cuda.name(), "compute_capability": f"{major}.{minor}"}
+    finally:
+        cuda.close()
+
+
+def default_timing_cache(identity: dict) -> Path:
+    """The timing cache of this GPU model and TensorRT version, in the machine's cache folder: a cache made on
+    another GPU or TensorRT is of no use, and the bundle is copied to other devices."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", identity["gpu"]).strip("-").lower()
+    return cache_dir("tensorrt") / f"{gpu}-sm{identity['compute_capability']}-trt{identity['tensorrt']}.cache"
+
+
+def _checked(result, what: str):
+    if result is None:
+        raise InspectError(f"TensorRT could not {what} (see its log above)")
+    return result
+
+
+def build_engine(onnx_path: Path, engine_path: Path, batch_sizes: tuple[int, int, int], workspace_mb: int,
+                 cache_path: Path | None = None) -> dict:
+    """Parse, build and write the engine; returns its record (what it was built from and for)."""
+    import tensorrt as trt
+
+    identity = device_identity()
+    cache_path = cache_path or default_timing_cache(identity)
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
+    builder = _checked(trt.Builder(logger), "create a builder")
+    # required on 10.x; on 11.x every network is strongly typed and the flag (deprecated) is ignored
+    network = _checked(builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
+                       "create a network")
+    parser = _checked(trt.OnnxParser(network, logger), "create an ONNX parser")
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise InspectError(f"{onnx_path}: TensorRT's ONNX parser refused it: {errors}")
-    config = builder.create_builder_config()
+    config = _checked(builder.create_builder_config(), "create a builder configuration")
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    pinned = 0
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = pin_fp32_layers(network, set(fp32_nodes), trt)
+    config.clear_flag(trt.BuilderFlag.TF32)  # on by default: the fp32 layers would get 10-bit mantissas
     image_input = network.get_input(0)
-    low, optimum, high = batch_sizes
     _, height, width, channels = image_input.shape
-    profile = builder.create_optimization_profile()
-    profile.set_shape(image_input.name, (low, height, width, channels), (optimum, height, width, channels),
-                      (high, height, width, channels))
-    config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise InspectError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
-    engine_path.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"file": engine_path.name, "fp16": fp16, "batch_sizes": list(batch_sizes), "workspace_mb": workspace_mb,
-            "fp32_layers_pinned": pinned, **device_identity()}
-
-
-def pin_fp32_layers(network, fp32_nodes: set[str], trt) -> int:
-    """Layers that come from fp32 nodes (TensorRT names them after the ONNX node, sometimes with a suffix)
-    compute and output in FP32; the builder obeys because of OBEY_PRECISION_CONSTRAINTS."""
-    pinned = 0
-    for index in range(network.num_layers):
-        layer = network.get_layer(index)
-        if not any(layer.name == node or layer.name.startswith(node + "_") for node in fp32_nodes):
-            continue
-        layer.precision = trt.float32
-        for output in range(layer.num_outputs):
-            if layer.get_output_type(output) in (trt.float32, trt.float16):
-                layer.set_output_type(output, trt.float32)
-        pinned += 1
-    return pinned
+    profile = _checked(builder.create_optimization_profile(), "create an optimisation profile")
+    low, optimum, high = ((b, height, width, channels) for b in batch_sizes)
+    profile.set_shape(image_input.name, low, optimum, high)
+    if config.add_optimization_profile(profile) < 0:
+        raise InspectError(f"TensorRT refused the optimisation profile {batch_sizes} for {image_input.name!r}")
+    cache = _checked(config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b""),
+                     "create a timing cache")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise InspectError(f"{cache_path}: TensorRT refused this timing cache; delete it and build again")
+    serialized = _checked(builder.build_serialized_network(network, config), f"build an engine from {onnx_path}")
+    atomic_write_bytes(engine_path, bytes(serialized))
+    atomic_write_bytes(cache_path, bytes(_checked(config.get_timing_cache(), "return its timing cache").serialize()))
+    return {"file": engine_path.name, "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
+            "strongly_typed": True, "tf32": False, "batch_sizes": list(batch_sizes), "workspace_mb": workspace_mb,
+            "timing_cache": str(cache_path), **identity}

@@ -1,14 +1,21 @@
 """Inference backends: each runs the bundle's graph on a batch of uint8 RGB images (B, H, W, 3) and returns
 (anomaly_map (B, H, W) float32, score (B,) float32). `auto` takes the best one that works here, in the order
 tensorrt, ort-tensorrt, ort-cuda, openvino, ort-cpu, and says why the better ones were passed over. The GPU
-libraries (tensorrt, pycuda, onnxruntime-gpu) and OpenVINO are imported only when their backend is opened."""
+libraries (tensorrt, pycuda or cuda-bindings, onnxruntime-gpu), ONNX Runtime and OpenVINO are imported only
+when their backend is opened."""
 
+import contextlib
+import ctypes
+import io
 import os
+from pathlib import Path
 
 import numpy as np
 
 from .bundle import Bundle
 from .console import InspectError
+from .cuda_device import CudaUnavailable, open_cuda
+from .files import cache_dir
 
 
 class BackendUnavailable(InspectError):
@@ -16,18 +23,27 @@ class BackendUnavailable(InspectError):
 
 
 class OrtBackend:
-    """ONNX Runtime with one execution provider; the GPU providers prefer the bundle's fp16 model."""
+    """ONNX Runtime with one execution provider. GPU sessions never fall back to the CPU silently (ONNX
+    Runtime's Python session otherwise retries on the CPU, at creation and inside run(), and keeps its name);
+    a provider that cannot start is a reason to pass this backend over, with the library it lacks."""
 
     name = "ort-cpu"
     provider = "CPUExecutionProvider"
+    provider_library = None  # the provider's shared library in onnxruntime/capi, for GPU providers
+    libraries_hint = ""  # what to install when that library cannot load
     prefers_fp16 = False
 
     def __init__(self, bundle: Bundle, threads: int | None = None):
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailable("onnxruntime is not installed (pip install 'edge-inspect[cpu]', or "
+                                     "'edge-inspect[gpu]' on a GPU box)") from None
         if self.provider not in ort.get_available_providers():
-            raise BackendUnavailable(f"onnxruntime has no {self.provider} (pip install -e '.[gpu]' for "
-                                     "onnxruntime-gpu)")
+            raise BackendUnavailable(f"this onnxruntime has no {self.provider} (onnxruntime-gpu has it: "
+                                     "pip install 'edge-inspect[gpu]')")
+        if self.provider_library:
+            _preload_gpu_libraries(ort, self.provider_library, self.libraries_hint)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -38,17 +54,54 @@ class OrtBackend:
         if self.prefers_fp16 and bundle.record.get("fp16_model_file"):
             model_file = bundle.path / bundle.record["fp16_model_file"]
         try:
-            self.session = ort.InferenceSession(str(model_file), options, providers=[self.provider])
+            self.session = ort.InferenceSession(str(model_file), options, enable_fallback=0,
+                                                providers=[(self.provider, self.provider_options(bundle))])
         except Exception as error:
+            if self.provider_library:
+                raise BackendUnavailable(f"{self.provider} could not start on {model_file.name}: {error}") from None
             raise InspectError(f"{model_file}: ONNX Runtime cannot load it ({error})") from None
+        self.session.disable_fallback()
         if self.provider not in self.session.get_providers():
-            raise BackendUnavailable(f"{self.provider} did not initialise (no usable GPU?)")
+            raise BackendUnavailable(f"{self.provider} did not start (ONNX Runtime's log above says why)")
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = bundle.record["outputs"]
+
+    def provider_options(self, bundle: Bundle) -> dict:
+        return {}
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         anomaly_map, score = self.session.run(self.output_names, {self.input_name: images})
         return anomaly_map[:, 0], score
+
+
+def _preload_gpu_libraries(ort, provider_library: str, hint: str) -> None:
+    """Load CUDA/cuDNN from NVIDIA's pip packages where present (onnxruntime-gpu[cuda,cudnn]), then the
+    provider's own library: the loader's error names the first library it lacks (ONNX Runtime would only
+    print a warning and run on the CPU)."""
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                ort.preload_dlls(directory="")
+            except Exception:  # preloading is a convenience; the probe below says what is missing
+                pass
+    path = Path(ort.__file__).parent / "capi" / provider_library
+    missing = missing_shared_library(path)
+    if missing:
+        raise BackendUnavailable(f"{path.name} cannot load: {missing} ({hint})")
+
+
+def missing_shared_library(path: Path) -> str | None:
+    """The loader's message when a library this shared library needs cannot be found, or None. ONNX Runtime's
+    providers take one symbol from libonnxruntime_providers_shared.so beside them, which is loaded first."""
+    path = Path(path)
+    shared = path.with_name("libonnxruntime_providers_shared.so")
+    try:
+        if shared.is_file() and shared != path:
+            ctypes.CDLL(str(shared), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(path))
+    except OSError as error:
+        return str(error) if "cannot open shared object file" in str(error) else None
+    return None
 
 
 class OrtCpuBackend(OrtBackend):
@@ -56,11 +109,42 @@ class OrtCpuBackend(OrtBackend):
 
 
 class OrtCudaBackend(OrtBackend):
+    """CUDA provider on the fp16 model, TF32 off so that the fp32 layers (distances, Min) stay fp32."""
+
     name, provider, prefers_fp16 = "ort-cuda", "CUDAExecutionProvider", True
+    provider_library = "libonnxruntime_providers_cuda.so"
+    libraries_hint = ("onnxruntime-gpu needs CUDA 13 and cuDNN 9: pip install 'edge-inspect[gpu]', which brings "
+                      "onnxruntime-gpu[cuda,cudnn], or put them on LD_LIBRARY_PATH")
+
+    def provider_options(self, bundle: Bundle) -> dict:
+        return {"device_id": "0", "use_tf32": "0"}
 
 
 class OrtTensorRTBackend(OrtBackend):
+    """ONNX Runtime's TensorRT provider on the fp32 model, with the bundle's batch profile and an engine and
+    timing cache outside the bundle. It links TensorRT 10 (libnvinfer.so.10 for onnxruntime-gpu 1.31) and has
+    no TF32 switch: its fp32 layers may run in TF32, so no 1e-4 parity is claimed for it."""
+
     name, provider, prefers_fp16 = "ort-tensorrt", "TensorrtExecutionProvider", False
+    provider_library = "libonnxruntime_providers_tensorrt.so"
+    libraries_hint = ("ONNX Runtime's TensorRT provider needs TensorRT 10, not 11: pip install 'edge-inspect[gpu]', "
+                      "which brings tensorrt-cu13 10.x, or JetPack's TensorRT 10")
+
+    def provider_options(self, bundle: Bundle) -> dict:
+        cache = str(cache_dir("ort-tensorrt") / bundle.record["files"][bundle.record["model_file"]]["sha256"][:16])
+        height, width = bundle.input_size
+        low, optimum, high = (f"{bundle.record['input']['name']}:{b}x{height}x{width}x3" for b in batch_profile(bundle))
+        return {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
+                "trt_profile_min_shapes": low, "trt_profile_opt_shapes": optimum, "trt_profile_max_shapes": high}
+
+
+def batch_profile(bundle: Bundle) -> tuple[int, int, int]:
+    """MIN, OPT, MAX batch the bundle was checked for (inspect-export --batch-sizes)."""
+    profile = bundle.record.get("batch_profile")
+    if profile:
+        return tuple(profile)
+    return (1, 1, (bundle.record.get("tensorrt_check") or {}).get("max_batch", 8))
 
 
 class OpenVinoBackend:
@@ -100,8 +184,9 @@ class OpenVinoBackend:
 
 
 class TensorRTBackend:
-    """The bundle's TensorRT engine: page-locked host buffers and device buffers for the largest batch,
-    allocated once; one CUDA stream; copy in → execute_async_v3 → copy out → synchronise."""
+    """The bundle's TensorRT engine (TensorRT 10 or 11): page-locked host buffers and device buffers for the
+    largest batch, allocated once; one CUDA stream; copy in → execute_async_v3 → copy out → synchronise.
+    CUDA comes from pycuda or cuda-bindings (runtime/cuda_device.py)."""
 
     name = "tensorrt"
 
@@ -111,28 +196,31 @@ class TensorRTBackend:
             raise BackendUnavailable("the bundle has no TensorRT engine (build one on this device: "
                                      f"inspect-export {bundle.path} --engine)")
         try:
-            import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
-            import pycuda.driver as cuda
             import tensorrt as trt
-        except ImportError as error:
-            raise BackendUnavailable(f"{error.name} is not importable (JetPack ships tensorrt; pip install pycuda)")
-        check_engine_matches_device(bundle, engine_record, trt.__version__, cuda.Device(0))
-        self.cuda = cuda
-        logger = trt.Logger(trt.Logger.WARNING)
-        engine = trt.Runtime(logger).deserialize_cuda_engine((bundle.path / engine_record["file"]).read_bytes())
+        except ImportError:
+            raise BackendUnavailable("tensorrt is not importable (JetPack ships it; on an x86 GPU box: pip install "
+                                     "'edge-inspect[gpu]')") from None
+        try:
+            self.cuda = open_cuda()
+        except CudaUnavailable as reason:
+            raise BackendUnavailable(str(reason)) from None
+        check_engine_matches_device(bundle, engine_record, trt.__version__, self.cuda)
+        engine_file = bundle.path / engine_record["file"]
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_file.read_bytes())
         if engine is None:
-            raise InspectError(f"{bundle.path / engine_record['file']}: TensorRT could not load the engine")
+            raise BackendUnavailable(f"{engine_file}: TensorRT could not load the engine (see its log above)")
         self.engine, self.context = engine, engine.create_execution_context()
+        if self.context is None:
+            raise BackendUnavailable(f"{engine_file}: TensorRT could not create an execution context")
         self.max_batch = engine_record["batch_sizes"][-1]
-        self.stream = cuda.Stream()
         self.buffers = {}
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
             shape = [self.max_batch if d < 0 else d for d in engine.get_tensor_shape(name)]
-            dtype = trt.nptype(engine.get_tensor_dtype(name))
-            host = cuda.pagelocked_empty(shape, dtype)
-            device = cuda.mem_alloc(host.nbytes)
-            self.context.set_tensor_address(name, int(device))
+            host = self.cuda.pagelocked_empty(shape, trt.nptype(engine.get_tensor_dtype(name)))
+            device = self.cuda.device_buffer(host.nbytes)
+            if not self.context.set_tensor_address(name, device):
+                raise BackendUnavailable(f"{engine_file}: TensorRT refused the buffer of tensor {name!r}")
             self.buffers[name] = (host, device, engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
         self.input_name = next(n for n, (_, _, is_input) in self.buffers.items() if is_input)
         self.output_names = bundle.record["outputs"]
@@ -146,15 +234,15 @@ class TensorRTBackend:
             raise InspectError(f"TensorRT refused input shape {images.shape}")
         host, device, _ = self.buffers[self.input_name]
         host[:batch] = images
-        self.cuda.memcpy_htod_async(device, host[:batch], self.stream)
-        if not self.context.execute_async_v3(self.stream.handle):
+        self.cuda.copy_to_device(device, host[:batch])
+        if not self.context.execute_async_v3(self.cuda.stream_handle):
             raise InspectError("TensorRT inference failed (execute_async_v3 returned false)")
         outputs = []
         for name in self.output_names:
             host, device, _ = self.buffers[name]
-            self.cuda.memcpy_dtoh_async(host[:batch], device, self.stream)
+            self.cuda.copy_to_host(host[:batch], device)
             outputs.append(host)
-        self.stream.synchronize()
+        self.cuda.synchronize()
         anomaly_map, score = outputs
         return anomaly_map[:batch, 0].copy(), score[:batch].copy()
 
@@ -176,11 +264,18 @@ BACKENDS = {backend.name: backend for backend in
 
 
 def open_backend(bundle: Bundle, name: str = "auto", threads: int | None = None):
-    """The named backend, or with "auto" the first that opens; `.passed_over` maps the better ones to why not."""
+    """The named backend, or with "auto" the first that opens; `.passed_over` maps the better ones to why not.
+    Under "auto" any failure to open a backend (a library, a driver, a CUDA error) passes it over with the
+    real reason; a backend asked for by name reports its failure as the error."""
     if name != "auto":
         if name not in BACKENDS:
             raise InspectError(f"--backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
-        backend = BACKENDS[name](bundle, threads)
+        try:
+            backend = BACKENDS[name](bundle, threads)
+        except InspectError:
+            raise
+        except Exception as error:
+            raise InspectError(f"--backend {name}: could not start: {type(error).__name__}: {error}") from None
         backend.passed_over = {}
         return backend
     passed_over = {}
@@ -189,6 +284,9 @@ def open_backend(bundle: Bundle, name: str = "auto", threads: int | None = None)
             backend = candidate(bundle, threads)
         except BackendUnavailable as reason:
             passed_over[candidate.name] = str(reason)
+            continue
+        except Exception as error:  # noqa: BLE001 - e.g. a CUDA error inside a GPU library: pass it over
+            passed_over[candidate.name] = f"could not start: {type(error).__name__}: {error}"
             continue
         backend.passed_over = passed_over
         return backend

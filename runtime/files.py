@@ -39,6 +39,14 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def cache_dir(kind: str) -> Path:
+    """A per-machine cache folder (TensorRT timing caches, ONNX Runtime's engine cache): never inside a bundle,
+    which is copied to other devices. $EDGE_INSPECT_CACHE, else $XDG_CACHE_HOME/edge-inspect, else
+    ~/.cache/edge-inspect."""
+    root = os.environ.get("EDGE_INSPECT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-inspect"
+    return Path(root) / kind
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

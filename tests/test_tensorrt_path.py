@@ -11,7 +11,8 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from edgeinspect.export.cli import app as export_app
-from edgeinspect.export.tensorrt_check import check_tensorrt
+from edgeinspect.export.precision import convert_fp16
+from edgeinspect.export.tensorrt_check import SUPPORT, check_tensorrt
 from edgeinspect.export.tensorrt_engine import tensorrt_unavailable
 from edgeinspect.runtime.backends import BackendUnavailable, OrtCpuBackend, check_engine_matches_device, open_backend
 from edgeinspect.runtime.bundle import load_bundle
@@ -35,6 +36,7 @@ def test_fp16_model_keeps_fp32_io_and_the_fragile_nodes(kind_bundle, mvtec_like)
     assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
     assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in half.graph.output)
     assert any(init.data_type == TensorProto.FLOAT16 for init in half.graph.initializer)
+    onnx.checker.check_model(half, full_check=True)  # every node's inputs of one type (ONNX Runtime refuses otherwise)
     kept = set(bundle.record["precision"]["fp32_nodes"])
     fp16_names = {n.name for n in half.graph.node}
     assert kept <= fp16_names  # every fragile node survives, unconverted
@@ -55,13 +57,77 @@ def graph_with(node, inputs, outputs, initializers=()):
     return model
 
 
-def test_check_names_an_unsupported_operator(tmp_path):
+def test_fp16_conversion_gives_a_shared_initializer_to_both_precisions(tmp_path):
+    """One weight feeding an fp16 node and a node kept in fp32 (the case that used to give an invalid model)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
+    weight = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/backbone/matmul"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="/head/matmul")]
+    model = helper.make_model(helper.make_graph(nodes, "shared", [x], [y], [onnx.numpy_helper.from_array(weight, "w")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "fp32.onnx"))
+    convert_fp16(tmp_path / "fp32.onnx", tmp_path / "fp16.onnx", keep_fp32=["/head/matmul"])
+    half = onnx.load(str(tmp_path / "fp16.onnx"))
+    onnx.checker.check_model(half, full_check=True)
+    types = {init.name: init.data_type for init in half.graph.initializer}
+    assert types == {"w": TensorProto.FLOAT, "w_fp16": TensorProto.FLOAT16}
+    import onnxruntime as ort
+
+    inputs = np.random.default_rng(1).normal(size=(3, 8)).astype(np.float32)
+    (result,) = ort.InferenceSession(str(tmp_path / "fp16.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": inputs})
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, inputs @ weight @ weight, rtol=1e-2, atol=1e-2)
+
+
+def test_check_names_an_operator_tensorrt_refuses(tmp_path):
+    assert "Det" in SUPPORT["refused_operators"] and "Det" not in SUPPORT["operators"]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])
+    path = tmp_path / "det.onnx"
+    onnx.save(graph_with(helper.make_node("Det", ["x"], ["y"], name="pick"), [x], [y]), str(path))
+    report = check_tensorrt(path)
+    assert not report.ok and "Det node 'pick': operator not supported" in report.problems[0]
+
+
+def test_operators_tensorrt_10_added_are_accepted(tmp_path):
+    """Hardmax, refused by the TensorRT 8.4 matrix the check used to read, is supported in 10.x."""
+    assert {"Hardmax", "LayerNormalization", "Gelu", "HardSwish"} <= set(SUPPORT["operators"])
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])
     path = tmp_path / "hardmax.onnx"
     onnx.save(graph_with(helper.make_node("Hardmax", ["x"], ["y"], name="pick"), [x], [y]), str(path))
-    report = check_tensorrt(path)
-    assert not report.ok and "Hardmax node 'pick': operator not supported" in report.problems[0]
+    assert check_tensorrt(path).ok
+
+
+def topk_graph(path, k: int) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4096])
+    values = helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", k])
+    indices = helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", k])
+    k_tensor = helper.make_tensor("k", TensorProto.INT64, [1], [k])
+    node = helper.make_node("TopK", ["x", "k"], ["values", "indices"], name="top")
+    onnx.save(graph_with(node, [x], [values, indices], [k_tensor]), str(path))
+
+
+def test_topk_k_must_be_below_3840(tmp_path):
+    topk_graph(tmp_path / "ok.onnx", 3839)
+    topk_graph(tmp_path / "over.onnx", 3840)
+    assert check_tensorrt(tmp_path / "ok.onnx").ok
+    report = check_tensorrt(tmp_path / "over.onnx")
+    assert not report.ok and "k = 3840 exceeds TensorRT's TopK limit" in report.problems[0]
+
+
+def test_uint8_is_refused_inside_the_network(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
+    nodes = [helper.make_node("Cast", ["x"], ["as_bytes"], name="to_uint8", to=TensorProto.UINT8),
+             helper.make_node("Cast", ["as_bytes"], ["y"], name="to_float", to=TensorProto.FLOAT)]
+    model = helper.make_model(helper.make_graph(nodes, "probe", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "bytes.onnx"))
+    report = check_tensorrt(tmp_path / "bytes.onnx")
+    assert not report.ok and "'as_bytes': UINT8 is allowed only as a network input or output" in report.problems[0]
 
 
 def test_check_finds_a_tensor_too_large_at_the_largest_batch(tmp_path):

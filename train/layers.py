@@ -23,7 +23,8 @@ class ImageInput(nn.Module):
         self.register_buffer("inv_std", 1 / std, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        # cast before the transpose: TensorRT takes UINT8 only as a network input or output
+        return (images.float().permute(0, 3, 1, 2) - self.mean) * self.inv_std
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:

@@ -1,0 +1,95 @@
+"""What the device itself adds to a bundle, without torch: the fp16 ONNX model, the TensorRT check and the
+TensorRT engine (`inspect-export BUNDLE --engine [--fp16]` on a Jetson or a GPU box)."""
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.markup import escape
+
+from edgeinspect.runtime.bundle import Bundle, file_digests, load_bundle
+from edgeinspect.runtime.console import InspectError, console, warn
+from edgeinspect.runtime.files import replace_dir
+
+from .precision import convert_fp16
+from .tensorrt_check import check_tensorrt
+from .tensorrt_engine import ENGINE_FILE, build_engine, tensorrt_unavailable
+
+FP16_MODEL_FILE = "model_fp16.onnx"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the TensorRT engine (and the compatibility check) is built for."""
+
+    fp16: bool = False
+    build_engine: bool = False  # also without --fp16: an fp32 engine
+    batch_sizes: tuple[int, int, int] = (1, 1, 8)  # optimisation profile: min, opt, max
+    workspace_mb: int = 2048
+    timing_cache: Path | None = None  # None: this machine's cache folder, one file per GPU and TensorRT version
+
+
+def model_files(record: dict) -> list[str]:
+    files = [record["model_file"], record.get("fp16_model_file"), (record.get("engine") or {}).get("file")]
+    return [name for name in files if name]
+
+
+def report_tensorrt_check(model_path: Path, max_batch: int) -> dict:
+    """Run the TensorRT compatibility check, warn about each problem, and return its record."""
+    report = check_tensorrt(model_path, max_batch)
+    for problem in report.problems:
+        warn(f"TensorRT would refuse {model_path.name}: {problem}")
+    if report.ok:
+        console.print(f"TensorRT check: every operator, type and shape is supported up to batch {max_batch} "
+                      f"(largest tensor {report.largest_tensor[1]:,} elements)")
+    return report.to_dict()
+
+
+def add_fp16_model(bundle: Bundle) -> None:
+    """model_fp16.onnx beside model.onnx: the precision-annotated graph that ONNX Runtime's CUDA provider runs
+    and the fp16 TensorRT engine is built from."""
+    convert_fp16(bundle.model_file, bundle.path / FP16_MODEL_FILE, bundle.record["precision"]["fp32_nodes"])
+    bundle.record["fp16_model_file"] = FP16_MODEL_FILE
+
+
+def add_engine(bundle: Bundle, options: EngineOptions) -> None:
+    """Build the TensorRT engine into the bundle folder from model_fp16.onnx (--fp16) or model.onnx, or say
+    plainly why none was built."""
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        bundle.record["engine"] = None
+        console.print(f"[yellow]no TensorRT engine built[/yellow]: {escape(reason)}. The bundle runs on ONNX Runtime "
+                      f"or OpenVINO; to build the engine, run inspect-export BUNDLE --engine"
+                      f"{' --fp16' if options.fp16 else ''} on the device itself")
+        return
+    if not bundle.record["tensorrt_check"]["ok"]:
+        raise InspectError("TensorRT compatibility check failed: " + bundle.record["tensorrt_check"]["problems"][0])
+    source = bundle.path / bundle.record["fp16_model_file"] if options.fp16 else bundle.model_file
+    record = build_engine(source, bundle.path / ENGINE_FILE, options.batch_sizes, options.workspace_mb,
+                          options.timing_cache)
+    bundle.record["engine"] = {**record, "precision": "fp16" if options.fp16 else "fp32"}
+    console.print(f"TensorRT engine written ({record['gpu']}, TensorRT {record['tensorrt']}, "
+                  f"{bundle.record['engine']['precision']}, from {source.name})")
+
+
+def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
+    """Add an engine (and the fp16 model) to an existing bundle, on the device that will run it."""
+    bundle = load_bundle(bundle_dir)
+    if "precision" not in bundle.record:
+        raise InspectError(f"{bundle_dir}: exported before fp16 and engine support; export it again from its run "
+                           "folder (inspect-export RUN), then build the engine")
+    staging = Path(tempfile.mkdtemp(dir=bundle.path.parent, prefix=f".{bundle.path.name}.staging-"))
+    try:
+        shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
+        staged = Bundle(staging, bundle.record)
+        if options.fp16 and not bundle.record.get("fp16_model_file"):
+            add_fp16_model(staged)
+        add_engine(staged, options)
+        bundle.record["files"] = file_digests(staging, model_files(bundle.record))
+        staged.save()
+        replace_dir(staging, bundle.path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(bundle.path)

@@ -1,0 +1,165 @@
+"""The CUDA calls the TensorRT backend and the engine build need, behind one small contract, with two
+implementations: pycuda (named by the design; it builds from source against the CUDA toolkit, as on a
+Jetson) and NVIDIA's cuda-python (`cuda-bindings`: binary wheels for x86_64 and aarch64, for boxes without
+a toolkit). Contract: the device's name and compute capability, page-locked host arrays, device buffers,
+one stream, asynchronous copies both ways, synchronise, release; every CUDA return code is checked and a
+failure is a `CudaUnavailable` naming the call and CUDA's error."""
+
+import ctypes
+
+import numpy as np
+
+from .console import InspectError
+
+
+class CudaUnavailable(InspectError):
+    """CUDA cannot be used here: no binding installed, no driver, no device, or a call failed."""
+
+
+class CudaBindingsDevice:
+    """Device 0 through cuda-python's runtime API (`cuda.bindings.runtime`)."""
+
+    library = "cuda-bindings"
+
+    def __init__(self):
+        from cuda.bindings import runtime
+
+        self.rt = runtime
+        (count,) = self._call("cudaGetDeviceCount")
+        if count < 1:
+            raise CudaUnavailable("CUDA sees no GPU (cudaGetDeviceCount returned 0)")
+        self._call("cudaSetDevice", 0)
+        (properties,) = self._call("cudaGetDeviceProperties", 0)
+        name = properties.name
+        self._name = (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
+        self._capability = (int(properties.major), int(properties.minor))
+        self._host, self._device = [], []
+        (self._stream,) = self._call("cudaStreamCreate")
+
+    def _call(self, function: str, *args):
+        """Call a runtime function; raise on any error code, return the remaining results."""
+        error, *results = getattr(self.rt, function)(*args)
+        if error != self.rt.cudaError_t.cudaSuccess:
+            _, error_name = self.rt.cudaGetErrorName(error)
+            raise CudaUnavailable(f"CUDA {function} failed: {error_name.decode()} (cuda-bindings)")
+        return results
+
+    def name(self) -> str:
+        return self._name
+
+    def compute_capability(self) -> tuple[int, int]:
+        return self._capability
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self._stream)
+
+    def pagelocked_empty(self, shape, dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        (pointer,) = self._call("cudaMallocHost", nbytes)
+        self._host.append(pointer)
+        memory = (ctypes.c_byte * nbytes).from_address(int(pointer))
+        return np.frombuffer(memory, dtype=dtype).reshape(shape)
+
+    def device_buffer(self, nbytes: int) -> int:
+        (pointer,) = self._call("cudaMalloc", nbytes)
+        self._device.append(pointer)
+        return int(pointer)
+
+    def copy_to_device(self, device: int, host: np.ndarray) -> None:
+        self._call("cudaMemcpyAsync", device, host.ctypes.data, host.nbytes,
+                   self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream)
+
+    def copy_to_host(self, host: np.ndarray, device: int) -> None:
+        self._call("cudaMemcpyAsync", host.ctypes.data, device, host.nbytes,
+                   self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream)
+
+    def synchronize(self) -> None:
+        self._call("cudaStreamSynchronize", self._stream)
+
+    def close(self) -> None:
+        for pointer in self._device:
+            self._call("cudaFree", pointer)
+        for pointer in self._host:
+            self._call("cudaFreeHost", pointer)
+        self._host, self._device = [], []
+        self._call("cudaStreamDestroy", self._stream)
+
+
+class PyCudaDevice:
+    """Device 0 through pycuda's driver API, on the device's primary context (the one the CUDA runtime, and
+    so TensorRT, uses), not a context of pycuda's own."""
+
+    library = "pycuda"
+
+    def __init__(self):
+        import pycuda.driver as driver
+
+        self.driver = driver
+        try:
+            driver.init()
+            if driver.Device.count() < 1:
+                raise CudaUnavailable("CUDA sees no GPU (pycuda: Device.count() is 0)")
+            self.device = driver.Device(0)
+            self.context = self.device.retain_primary_context()
+            self.context.push()
+            self.stream = driver.Stream()
+        except driver.Error as error:
+            raise CudaUnavailable(f"CUDA failed: {error} (pycuda)") from None
+        self._device = []
+
+    def name(self) -> str:
+        return self.device.name()
+
+    def compute_capability(self) -> tuple[int, int]:
+        return tuple(self.device.compute_capability())
+
+    @property
+    def stream_handle(self) -> int:
+        return self.stream.handle
+
+    def _checked(self, call, *args):
+        try:
+            return call(*args)
+        except self.driver.Error as error:
+            raise CudaUnavailable(f"CUDA {getattr(call, '__name__', call)} failed: {error} (pycuda)") from None
+
+    def pagelocked_empty(self, shape, dtype) -> np.ndarray:
+        return self._checked(self.driver.pagelocked_empty, shape, dtype)
+
+    def device_buffer(self, nbytes: int) -> int:
+        allocation = self._checked(self.driver.mem_alloc, nbytes)
+        self._device.append(allocation)
+        return int(allocation)
+
+    def copy_to_device(self, device: int, host: np.ndarray) -> None:
+        self._checked(self.driver.memcpy_htod_async, device, host, self.stream)
+
+    def copy_to_host(self, host: np.ndarray, device: int) -> None:
+        self._checked(self.driver.memcpy_dtoh_async, host, device, self.stream)
+
+    def synchronize(self) -> None:
+        self._checked(self.stream.synchronize)
+
+    def close(self) -> None:
+        for allocation in self._device:
+            allocation.free()
+        self._device = []
+        self.context.pop()
+
+
+CUDA_LIBRARIES = (PyCudaDevice, CudaBindingsDevice)
+
+
+def open_cuda():
+    """The first CUDA binding that imports and reaches a GPU; the reasons of all of them otherwise."""
+    reasons = []
+    for implementation in CUDA_LIBRARIES:
+        try:
+            return implementation()
+        except ImportError:
+            reasons.append(f"{implementation.library} is not installed")
+        except CudaUnavailable as reason:
+            reasons.append(str(reason))
+    raise CudaUnavailable("; ".join(reasons) + " (pip install cuda-bindings, or pycuda where the CUDA toolkit "
+                          "is installed, as on a Jetson)")
