@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from edgeinspect.export.cli import app as export_app
@@ -40,7 +41,8 @@ def test_fp16_model_keeps_fp32_io_and_the_fragile_nodes(kind_bundle, mvtec_like)
     kept = set(bundle.record["precision"]["fp32_nodes"])
     fp16_names = {n.name for n in half.graph.node}
     assert kept <= fp16_names  # every fragile node survives, unconverted
-    images, _ = load_resized(sorted((mvtec_like / "test" / "pasted").iterdir())[:4], (64, 64))
+    paths = sorted((mvtec_like / "test" / "good").iterdir()) + sorted((mvtec_like / "test" / "pasted").iterdir())
+    images, _ = load_resized(paths, (64, 64))
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(kind_bundle / bundle.record["fp16_model_file"]),
@@ -48,6 +50,8 @@ def test_fp16_model_keeps_fp32_io_and_the_fragile_nodes(kind_bundle, mvtec_like)
     half_maps, half_scores = session.run(None, {"images": images})
     maps, scores = OrtCpuBackend(bundle)(images)
     assert np.abs(half_scores - scores).max() <= 0.02 * (maps.max() - maps.min())
+    defective = [path.parent.name == "pasted" for path in paths]  # the fp16 table's bound: |ΔAUROC| ≤ 0.005
+    assert abs(roc_auc_score(defective, half_scores) - roc_auc_score(defective, scores)) <= 0.005
 
 
 def graph_with(node, inputs, outputs, initializers=()):
