@@ -14,6 +14,7 @@ from edgeinspect.runtime.console import InspectError
 
 from .backbones import Normalization
 from .configs import GradientConfig
+from .devices import CPU
 from .fitting import fit_by_gradient
 from .layers import ImageInput
 
@@ -72,12 +73,14 @@ def restore_autoencoder(config: AutoencoderConfig, state: dict) -> PixelAutoenco
 
 
 def fit_autoencoder(config: AutoencoderConfig, fit_images: np.ndarray, validation_images: np.ndarray, weights,
-                    bar: Progress, checkpoint) -> tuple[PixelAutoencoder, AutoencoderConfig, dict]:
-    """Adam on the reconstruction error of the good images; no pretrained weights are involved."""
+                    bar: Progress, checkpoint,
+                    device: torch.device = CPU) -> tuple[PixelAutoencoder, AutoencoderConfig, dict]:
+    """Adam on the reconstruction error of the good images; no pretrained weights are involved. The weights are
+    initialised on the CPU, so they start the same whatever `device` trains them."""
     torch.manual_seed(config.seed)
-    model = PixelAutoencoder(config.widths, config.latent_channels)
+    model = PixelAutoencoder(config.widths, config.latent_channels).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    summary = fit_by_gradient(model, model.loss, optimizer, (torch.from_numpy(fit_images),),
-                              (torch.from_numpy(validation_images),), config, bar,
+    fit, validation = [(torch.from_numpy(images).to(device),) for images in (fit_images, validation_images)]
+    summary = fit_by_gradient(model, model.loss, optimizer, fit, validation, config, bar,
                               on_best=lambda progress: checkpoint(model, config, {"training": progress}))
-    return model.eval(), config, {"training": summary}
+    return model.eval().cpu(), config, {"training": summary}

@@ -24,6 +24,8 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per optimis
 LearningRate = Annotated[float, typer.Option("--lr", help="Learning rate.")]
 Patience = Annotated[int, typer.Option("--patience", help="Stop after this many epochs without a better "
                                                           "validation loss.")]
+Device = Annotated[str, typer.Option("--device", help="Where to train: auto (the CUDA GPU when PyTorch sees one, "
+                                                      "else the CPU), cpu or cuda.")]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -36,10 +38,13 @@ def parse_size(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
-def train_and_report(kind: str, config, data: str, out: Path, val_fraction: float, weights: Path | None) -> None:
+def train_and_report(kind: str, config, data: str, out: Path, val_fraction: float, weights: Path | None,
+                     device: str) -> None:
+    from edgeinspect.train.devices import resolve_device
     from edgeinspect.train.run import train_model
 
-    record = train_model(kind, config, open_dataset(data), out, val_fraction, weights)
+    torch_device = resolve_device(device)  # a wrong --device fails before any image is read
+    record = train_model(kind, config, open_dataset(data), out, val_fraction, weights, torch_device)
     fitted = f"{record['data']['n_fit']} images ({record['data']['n_validation']} held out)"
     training = record.get("training")
     if training:
@@ -48,8 +53,8 @@ def train_and_report(kind: str, config, data: str, out: Path, val_fraction: floa
     if "memory_bank" in record:
         bank = record["memory_bank"]
         console.print(f"memory bank {bank['entries']} × {bank['dim']} from {bank['patches']} patches")
-    console.print(f"{kind} fitted on {fitted} in {record['timings']['total_s']:.1f} s; run written to {out}; "
-                  f"next: inspect-export {out}")
+    console.print(f"{kind} fitted on {fitted} in {record['timings']['total_s']:.1f} s on {record['device']}; "
+                  f"run written to {out}; next: inspect-export {out}")
 
 
 @app.command()
@@ -61,26 +66,26 @@ def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0"
               normalization: Annotated[str, typer.Option(
                   "--normalization", help="Input normalisation: imagenet (ImageNet statistics, whatever the backbone; "
                                           "better anomaly maps) or backbone (what its weights were trained with).")
-              ] = "imagenet"):
+              ] = "imagenet", device: Device = "auto"):
     """PatchCore: a memory bank of pretrained patch features; anomaly = distance to the nearest good patch."""
     from edgeinspect.train.patchcore import PatchCoreConfig
 
     config = PatchCoreConfig(backbone=backbone, image_size=parse_size(image_size), coreset_ratio=coreset_ratio,
                              seed=seed, normalization=normalization)
-    train_and_report("patchcore", config, data, out, val_fraction, weights)
+    train_and_report("patchcore", config, data, out, val_fraction, weights, device)
 
 
 @app.command()
 @one_line_errors
 def stpm(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
          image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0, epochs: Epochs = 100,
-         batch_size: BatchSize = 32, lr: LearningRate = 0.4, patience: Patience = 10):
+         batch_size: BatchSize = 32, lr: LearningRate = 0.4, patience: Patience = 10, device: Device = "auto"):
     """STPM: a student network learns the pretrained teacher's features on good parts; anomaly = where they differ."""
     from edgeinspect.train.stpm import STPMConfig
 
     config = STPMConfig(backbone=backbone, image_size=parse_size(image_size), seed=seed, epochs=epochs,
                         batch_size=batch_size, learning_rate=lr, patience=patience)
-    train_and_report("stpm", config, data, out, val_fraction, weights)
+    train_and_report("stpm", config, data, out, val_fraction, weights, device)
 
 
 @app.command()
@@ -91,27 +96,28 @@ def dfr(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weig
         latent_dim: Annotated[int, typer.Option("--latent-dim", help="Autoencoder bottleneck width (default: "
                                                                      "PCA keeping --variance-kept).")] = None,
         variance_kept: Annotated[float, typer.Option("--variance-kept", help="Feature variance the PCA choice of "
-                                                                             "the bottleneck keeps.")] = 0.9):
+                                                                             "the bottleneck keeps.")] = 0.9,
+        device: Device = "auto"):
     """DFR: an autoencoder of 1×1 convolutions reconstructs regional features; anomaly = reconstruction error."""
     from edgeinspect.train.dfr import DFRConfig
 
     config = DFRConfig(backbone=backbone, image_size=parse_size(image_size), seed=seed, epochs=epochs,
                        batch_size=batch_size, learning_rate=lr, patience=patience, latent_dim=latent_dim,
                        variance_kept=variance_kept)
-    train_and_report("dfr", config, data, out, val_fraction, weights)
+    train_and_report("dfr", config, data, out, val_fraction, weights, device)
 
 
 @app.command()
 @one_line_errors
 def autoencoder(data: Data, out: Out, image_size: ImageSize = "256", val_fraction: ValFraction = 0.2,
                 seed: Seed = 0, epochs: Epochs = 100, batch_size: BatchSize = 16, lr: LearningRate = 1e-3,
-                patience: Patience = 10):
+                patience: Patience = 10, device: Device = "auto"):
     """Naive baseline: a convolutional autoencoder on pixels; anomaly = pixel reconstruction error."""
     from edgeinspect.train.autoencoder import AutoencoderConfig
 
     config = AutoencoderConfig(image_size=parse_size(image_size), seed=seed, epochs=epochs, batch_size=batch_size,
                                learning_rate=lr, patience=patience)
-    train_and_report("autoencoder", config, data, out, val_fraction, None)
+    train_and_report("autoencoder", config, data, out, val_fraction, None, device)
 
 
 @app.callback()

@@ -15,6 +15,7 @@ from edgeinspect.runtime.console import InspectError
 
 from .backbones import FeatureExtractor, Normalization, create_feature_extractor
 from .configs import GradientConfig
+from .devices import CPU
 from .fitting import fit_by_gradient, map_in_batches
 from .layers import ImageInput, MapToImage, upsample
 
@@ -92,7 +93,7 @@ def latent_for_variance(features: torch.Tensor, variance_kept: float) -> int:
     centred = features.double() - features.double().mean(0)
     eigenvalues = torch.linalg.eigvalsh(centred.T @ centred).flip(0).clamp_min(0)
     kept = torch.cumsum(eigenvalues, 0) / eigenvalues.sum()
-    return int(torch.searchsorted(kept, torch.tensor(variance_kept, dtype=kept.dtype) - 1e-12)) + 1
+    return int(torch.searchsorted(kept, torch.tensor(variance_kept - 1e-12, dtype=kept.dtype, device=kept.device))) + 1
 
 
 class DFR(nn.Module):
@@ -132,24 +133,25 @@ def restore_dfr(config: DFRConfig, state: dict) -> DFR:
 
 
 def fit_dfr(config: DFRConfig, fit_images: np.ndarray, validation_images: np.ndarray, weights, bar: Progress,
-            checkpoint) -> tuple[DFR, DFRConfig, dict]:
+            checkpoint, device: torch.device = CPU) -> tuple[DFR, DFRConfig, dict]:
     """Adam on the autoencoder over regional features computed once (the backbone is frozen); the latent width
-    comes from PCA on the fit features unless the configuration gives it."""
+    comes from PCA on the fit features unless the configuration gives it. Features, PCA and training run on
+    `device`; the autoencoder is initialised on the CPU, so it starts the same whatever the device."""
     torch.manual_seed(config.seed)
-    model = build_dfr(config, latent_dim=1, weights=weights)
+    model = build_dfr(config, latent_dim=1, weights=weights).to(device)
     task = bar.add_task("regional features", total=len(fit_images) + len(validation_images))
-    (fit,) = map_in_batches(model.features, fit_images, progress=lambda n: bar.advance(task, n))
-    (validation,) = map_in_batches(model.features, validation_images, progress=lambda n: bar.advance(task, n))
+    fit, validation = [map_in_batches(model.features, images, progress=lambda n: bar.advance(task, n),
+                                      device=device)[0] for images in (fit_images, validation_images)]
     model.regional.standardise_on(fit)
     fit, validation = [(features - model.regional.mean) / model.regional.std for features in (fit, validation)]
     clock = time.perf_counter()
     if config.latent_dim is None:
         vectors = fit.permute(0, 2, 3, 1).reshape(-1, fit.shape[1])
         sample = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(config.seed))[:200_000]
-        config = replace(config, latent_dim=latent_for_variance(vectors[sample], config.variance_kept))
+        config = replace(config, latent_dim=latent_for_variance(vectors[sample.to(device)], config.variance_kept))
     pca_s = time.perf_counter() - clock
-    model.autoencoder = FeatureAutoencoder(model.regional.channels, config.latent_dim)
+    model.autoencoder = FeatureAutoencoder(model.regional.channels, config.latent_dim).to(device)
     optimizer = torch.optim.Adam(model.autoencoder.parameters(), lr=config.learning_rate)
     summary = fit_by_gradient(model.autoencoder, model.autoencoder.loss, optimizer, (fit,), (validation,),
                               config, bar, on_best=lambda progress: checkpoint(model, config, {"training": progress}))
-    return model.eval(), config, {"training": summary, "timings": {"pca_s": round(pca_s, 2)}}
+    return model.eval().cpu(), config, {"training": summary, "timings": {"pca_s": round(pca_s, 2)}}

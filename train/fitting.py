@@ -10,17 +10,19 @@ from rich.progress import Progress
 from torch import nn
 
 from .configs import GradientConfig
+from .devices import CPU
 
 Loss = Callable[..., torch.Tensor]  # mini-batch tensors → mean loss of the batch
 
 
-def map_in_batches(function: Callable, images, batch_size: int = 16, progress=None) -> list[torch.Tensor]:
+def map_in_batches(function: Callable, images, batch_size: int = 16, progress=None,
+                   device: torch.device = CPU) -> list[torch.Tensor]:
     """Apply `function` (uint8 image batch → tensor or list of tensors) to uint8 images (N, H, W, 3) in
-    batches without gradients; returns each output concatenated over all images."""
+    batches on `device`, without gradients; returns each output concatenated over all images, on `device`."""
     outputs = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            batch = torch.as_tensor(images[start:start + batch_size])
+            batch = torch.as_tensor(images[start:start + batch_size]).to(device)
             result = function(batch)
             outputs.append(list(result) if isinstance(result, (list, tuple)) else [result])
             if progress is not None:
@@ -29,8 +31,9 @@ def map_in_batches(function: Callable, images, batch_size: int = 16, progress=No
 
 
 def batches(count: int, batch_size: int, generator: torch.Generator | None = None):
-    """Index tensors covering range(count), shuffled when a generator is given; a trailing batch of one is
-    merged into the previous batch (BatchNorm cannot train on a single sample)."""
+    """CPU index tensors covering range(count), shuffled when a (CPU) generator is given, so the order is the
+    same whatever device trains; a trailing batch of one is merged into the previous batch (BatchNorm cannot
+    train on a single sample)."""
     order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
     starts = list(range(0, count, batch_size))
     if len(starts) > 1 and count - starts[-1] == 1:
@@ -39,12 +42,17 @@ def batches(count: int, batch_size: int, generator: torch.Generator | None = Non
     return [order[start:end] for start, end in zip(starts, ends)]
 
 
+def select_rows(data: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows `index` (a CPU index) of every tensor, taken on the tensor's own device."""
+    return tuple(tensor[index.to(tensor.device)] for tensor in data)
+
+
 def mean_loss(loss: Loss, data: tuple[torch.Tensor, ...], batch_size: int) -> float:
     """The loss over a whole data set, without gradients."""
     total, count = 0.0, len(data[0])
     with torch.no_grad():
         for index in batches(count, batch_size):
-            total += float(loss(*(tensor[index] for tensor in data))) * len(index)
+            total += float(loss(*select_rows(data, index))) * len(index)
     return total / count
 
 
@@ -53,6 +61,8 @@ def fit_by_gradient(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimiz
                     on_best: Callable[[dict], None]) -> dict:
     """Train until `config.epochs`, early stopping or Ctrl-C; load the weights of the best validation epoch.
 
+    The caller puts the model and the `fit` and `validation` tensors on the device to train on, once (the data
+    are small next to the activations); the shuffled order is drawn on the CPU, the same on every device.
     `on_best(summary)` is called whenever the validation loss improves, so a checkpoint can be written.
     Returns the summary: epochs run, best epoch and loss, why it stopped, per-epoch history and timings.
     """
@@ -68,7 +78,7 @@ def fit_by_gradient(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimiz
             train_total = 0.0
             for index in batches(len(fit[0]), config.batch_size, generator):
                 optimizer.zero_grad(set_to_none=True)
-                value = loss(*(tensor[index] for tensor in fit))
+                value = loss(*select_rows(fit, index))
                 value.backward()
                 optimizer.step()
                 train_total += float(value.detach()) * len(index)

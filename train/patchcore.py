@@ -15,6 +15,7 @@ from edgeinspect.runtime.console import InspectError
 from .backbones import (INPUT_NORMALIZATIONS, FeatureExtractor, Normalization, create_feature_extractor,
                         input_normalization)
 from .configs import ModelConfig
+from .devices import CPU, elapsed_s
 from .fitting import map_in_batches
 from .layers import ImageInput, MapToImage, upsample
 
@@ -125,46 +126,48 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
     coreset, at a fraction of the memory traffic."""
     if features.shape[1] <= dim:
         return features.to(torch.bfloat16)
-    generator = torch.Generator().manual_seed(seed)
-    matrix = torch.randn(features.shape[1], dim, generator=generator) / dim**0.5
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same matrix whatever the features' device
+    matrix = torch.randn(features.shape[1], dim, generator=generator).to(features.device) / dim**0.5
     return (features @ matrix).to(torch.bfloat16)
 
 
 def greedy_coreset(points: torch.Tensor, size: int, seed: int, progress=None) -> torch.Tensor:
     """Greedy k-center selection: repeatedly take the point farthest from everything chosen so far.
 
-    All buffers are allocated once; each iteration is one matrix-vector product over the points.
-    `progress(n)` is called every few hundred iterations.
+    All buffers are allocated once, on the points' device; each iteration is one matrix-vector product over
+    the points. The chosen index stays a tensor on that device, so a GPU never waits for the host. The first
+    point is drawn on the CPU, so every device starts from the same one. `progress(n)` is called every few
+    hundred iterations.
     """
-    count = points.shape[0]
+    count, device = points.shape[0], points.device
     size = min(size, count)
     sq_norm = (points.float() ** 2).sum(1)
-    min_distance = torch.full((count,), float("inf"))
-    dots = torch.empty(count, dtype=points.dtype)
-    distance = torch.empty(count)
-    chosen = torch.empty(size, dtype=torch.long)
-    index = int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(seed)))
+    min_distance = torch.full((count,), float("inf"), device=device)
+    dots = torch.empty(count, dtype=points.dtype, device=device)
+    distance = torch.empty(count, device=device)
+    chosen = torch.empty(size, dtype=torch.long, device=device)
+    index = torch.randint(count, (1,), generator=torch.Generator().manual_seed(seed)).to(device)
     for step in range(size):
-        chosen[step] = index
-        center = points[index]
-        torch.mv(points, center, out=dots)
+        chosen[step:step + 1] = index
+        torch.mv(points, points[index][0], out=dots)
         distance.copy_(dots).mul_(-2).add_(sq_norm).add_(sq_norm[index])
         torch.minimum(min_distance, distance, out=min_distance)
-        index = int(torch.argmax(min_distance))
+        index = torch.argmax(min_distance, dim=0, keepdim=True)
         if progress is not None and (step + 1) % 256 == 0:
             progress(256)
     return chosen
 
 
 def bank_neighbours(bank: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
-    """Indices (M, k) of each bank entry's k nearest entries in the bank, itself first."""
+    """Indices (M, k) of each bank entry's k nearest entries in the bank, itself first (on the bank's device)."""
     k = min(k, bank.shape[0])
     sq_norm = (bank**2).sum(1)
     rows = []
     for start in range(0, bank.shape[0], chunk):
         block = bank[start:start + chunk]
         squared = (block**2).sum(1, keepdim=True) - 2 * block @ bank.T + sq_norm
-        squared[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = -1  # self first
+        diagonal = torch.arange(block.shape[0], device=bank.device)
+        squared[diagonal, diagonal + start] = -1  # self first
         rows.append(squared.topk(k, dim=1, largest=False).indices)
     return torch.cat(rows)
 
@@ -182,15 +185,16 @@ def restore_patchcore(config: PatchCoreConfig, state: dict) -> PatchCore:
     return model
 
 
-def fit_patchcore(config: PatchCoreConfig, fit_images: np.ndarray, validation_images: np.ndarray,
-                  weights, bar: Progress, checkpoint) -> tuple[PatchCore, PatchCoreConfig, dict]:
-    """Memory bank from the fit images (no gradient training, so the validation images are not needed)."""
-    model = build_patchcore(config, torch.zeros(1, 1), torch.zeros(1, 1), weights)
+def fit_patchcore(config: PatchCoreConfig, fit_images: np.ndarray, validation_images: np.ndarray, weights,
+                  bar: Progress, checkpoint, device: torch.device = CPU) -> tuple[PatchCore, PatchCoreConfig, dict]:
+    """Memory bank from the fit images (no gradient training, so the validation images are not needed); the
+    features, the coreset and the bank's neighbours are computed on `device`."""
+    model = build_patchcore(config, torch.zeros(1, 1), torch.zeros(1, 1), weights).to(device)
     timings = {}
     task = bar.add_task("patch features", total=len(fit_images))
     clock = time.perf_counter()
-    patches = extract_patches(model, fit_images, progress=lambda n: bar.advance(task, n))
-    timings["features_s"] = time.perf_counter() - clock
+    patches = extract_patches(model, fit_images, progress=lambda n: bar.advance(task, n), device=device)
+    timings["features_s"] = elapsed_s(clock, device)
 
     size = max(1, round(config.coreset_ratio * len(patches)))
     task = bar.add_task(f"coreset {size} of {len(patches)} patches", total=size)
@@ -198,20 +202,21 @@ def fit_patchcore(config: PatchCoreConfig, fit_images: np.ndarray, validation_im
     projected = random_projection(patches, config.projection_dim, config.seed)
     chosen = greedy_coreset(projected, size, config.seed, progress=lambda n: bar.advance(task, n))
     bar.update(task, completed=size)
-    timings["coreset_s"] = time.perf_counter() - clock
+    timings["coreset_s"] = elapsed_s(clock, device)
 
     clock = time.perf_counter()
     bank = patches[chosen].contiguous()
     model.memory = MemoryBank(bank, bank_neighbours(bank, config.num_neighbours))
-    timings["neighbours_s"] = time.perf_counter() - clock
+    timings["neighbours_s"] = elapsed_s(clock, device)
     details = {"memory_bank": {"entries": int(bank.shape[0]), "dim": int(bank.shape[1]), "patches": int(len(patches))},
                "timings": {k: round(v, 2) for k, v in timings.items()}}
-    return model, config, details
+    return model.cpu(), config, details
 
 
-def extract_patches(model: PatchCore, images: np.ndarray, batch_size: int = 16, progress=None) -> torch.Tensor:
-    """Patch features (N·h·w, C) of uint8 images (N, H, W, 3)."""
+def extract_patches(model: PatchCore, images: np.ndarray, batch_size: int = 16, progress=None,
+                    device: torch.device = CPU) -> torch.Tensor:
+    """Patch features (N·h·w, C) of uint8 images (N, H, W, 3), computed on `device` (the model's)."""
     def patches(batch: torch.Tensor) -> torch.Tensor:
         embedding = model.embed(batch)
         return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
-    return map_in_batches(patches, images, batch_size, progress)[0]
+    return map_in_batches(patches, images, batch_size, progress, device)[0]

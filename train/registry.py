@@ -1,9 +1,11 @@
 """The model kinds inspect-train can fit and inspect-export can restore, by the name stored in run.json.
 
 Each kind is a configuration dataclass, a `fit(config, fit_images, validation_images, weights, bar,
-checkpoint) → (model, config used, details)` and a `restore(config, state_dict) → model`. Every model maps
-uint8 RGB images (B, H, W, 3) to anomaly_map (B, 1, H, W) and score (B,), so export, calibration, the
-runtime and evaluation never need to know which one they hold.
+checkpoint, device) → (model, config used, details)` and a `restore(config, state_dict) → model`. `fit`
+computes on `device` (not part of the configuration: it does not change the model) and returns the model on
+the CPU, where the run folder and export expect it. Every model maps uint8 RGB images (B, H, W, 3) to
+anomaly_map (B, 1, H, W) and score (B,), so export, calibration, the runtime and evaluation never need to
+know which one they hold.
 """
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
-"""A training run folder: ``model.pt`` (tensors only, no pickled classes) and ``run.json`` (the model kind,
-its configuration, and which good images were fitted on and which were held out for calibration)."""
+"""A training run folder: ``model.pt`` (tensors only, no pickled classes, always on the CPU) and ``run.json``
+(the model kind, its configuration, the device it was trained on, and which good images were fitted on and which
+were held out for calibration)."""
 
 import io
 import json
@@ -16,6 +17,7 @@ from edgeinspect.runtime.images import load_resized
 
 from .backbones import Normalization
 from .configs import ModelConfig
+from .devices import CPU, describe_device
 from .layers import ImageInput
 from .registry import model_kind
 
@@ -25,8 +27,9 @@ RUN_WEIGHTS = "model.pt"
 
 
 def train_model(kind: str, config: ModelConfig, dataset: Dataset, out: Path, val_fraction: float = 0.2,
-                weights: Path | None = None) -> dict:
-    """Fit a model of `kind` on the fit split of the good images and write the run folder; returns the record.
+                weights: Path | None = None, device: torch.device = CPU) -> dict:
+    """Fit a model of `kind` on the fit split of the good images, computing on `device`, and write the run
+    folder; returns the record.
 
     Models trained by gradient write a checkpoint of their best epoch as they go (state "training"), so an
     interrupted run still leaves a complete, exportable folder.
@@ -52,6 +55,7 @@ def train_model(kind: str, config: ModelConfig, dataset: Dataset, out: Path, val
                 "config": used_config.to_dict(),
                 "normalization": model.image_input.normalization.to_dict(),
                 "data": data,
+                "device": describe_device(device),
                 **details,
                 "timings": timings,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -60,7 +64,8 @@ def train_model(kind: str, config: ModelConfig, dataset: Dataset, out: Path, val
         def checkpoint(model, used_config, details):
             save_run(out, model, record(model, used_config, dict(details), "training"))
 
-        model, used_config, details = spec.fit(config, fit_images, validation_images, weights, bar, checkpoint)
+        model, used_config, details = spec.fit(config, fit_images, validation_images, weights, bar, checkpoint,
+                                               device)
     stopped = details.get("training", {}).get("stopped")
     result = record(model, used_config, details, "interrupted" if stopped == "interrupted" else "finished")
     save_run(out, model, result)
@@ -78,9 +83,10 @@ def _data_summary(dataset: Dataset, fit: list[Path], validation: list[Path]) -> 
 
 
 def save_run(out: Path, model: torch.nn.Module, record: dict) -> None:
-    """Weights first, then the record that names them: a run folder with a run.json is always complete."""
+    """Weights first, then the record that names them: a run folder with a run.json is always complete. The
+    tensors are saved from the CPU, so checkpoints of a model training on the GPU load anywhere."""
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()}, buffer)
     atomic_write_bytes(Path(out) / RUN_WEIGHTS, buffer.getvalue())
     atomic_write_json(Path(out) / RUN_RECORD, record)
 

@@ -14,6 +14,7 @@ from edgeinspect.runtime.console import InspectError
 
 from .backbones import FeatureExtractor, Normalization, create_feature_extractor
 from .configs import GradientConfig
+from .devices import CPU
 from .fitting import fit_by_gradient, map_in_batches
 from .layers import ImageInput, MapToImage
 
@@ -91,18 +92,22 @@ def restore_stpm(config: STPMConfig, state: dict) -> STPM:
 
 
 def fit_stpm(config: STPMConfig, fit_images: np.ndarray, validation_images: np.ndarray, weights, bar: Progress,
-             checkpoint) -> tuple[STPM, STPMConfig, dict]:
+             checkpoint, device: torch.device = CPU) -> tuple[STPM, STPMConfig, dict]:
     """SGD on the student; the teacher's features of every image are computed once (the teacher is frozen
-    and there is no augmentation), which saves a quarter of each epoch."""
+    and there is no augmentation), which saves a quarter of each epoch. The student is initialised on the CPU,
+    so it starts from the same weights whatever `device` trains it."""
     torch.manual_seed(config.seed)
-    model = build_stpm(config, weights)
+    model = build_stpm(config, weights).to(device)
     task = bar.add_task("teacher features", total=len(fit_images) + len(validation_images))
-    fit = (torch.from_numpy(fit_images),
-           *map_in_batches(model.teacher_features, fit_images, progress=lambda n: bar.advance(task, n)))
-    validation = (torch.from_numpy(validation_images),
-                  *map_in_batches(model.teacher_features, validation_images, progress=lambda n: bar.advance(task, n)))
+
+    def with_teacher_features(images: np.ndarray) -> tuple[torch.Tensor, ...]:
+        features = map_in_batches(model.teacher_features, images, progress=lambda n: bar.advance(task, n),
+                                  device=device)
+        return (torch.from_numpy(images).to(device), *features)
+
+    fit, validation = with_teacher_features(fit_images), with_teacher_features(validation_images)
     optimizer = torch.optim.SGD(model.student.parameters(), lr=config.learning_rate, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     summary = fit_by_gradient(model, model.loss, optimizer, fit, validation, config, bar,
                               on_best=lambda progress: checkpoint(model, config, {"training": progress}))
-    return model.eval(), config, {"training": summary}
+    return model.eval().cpu(), config, {"training": summary}
