@@ -67,23 +67,26 @@ class CudaBindingsDevice:
         return int(pointer)
 
     def copy_to_device(self, device: int, host: np.ndarray) -> None:
-        self._call("cudaMemcpyAsync", device, host.ctypes.data, host.nbytes,
+        self._call("cudaMemcpyAsync", device, contiguous(host).ctypes.data, host.nbytes,
                    self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream)
 
     def copy_to_host(self, host: np.ndarray, device: int) -> None:
-        self._call("cudaMemcpyAsync", host.ctypes.data, device, host.nbytes,
+        self._call("cudaMemcpyAsync", contiguous(host).ctypes.data, device, host.nbytes,
                    self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream)
 
     def synchronize(self) -> None:
         self._call("cudaStreamSynchronize", self._stream)
 
     def close(self) -> None:
+        """Free the buffers and the stream; safe to call twice."""
         for pointer in self._device:
             self._call("cudaFree", pointer)
         for pointer in self._host:
             self._call("cudaFreeHost", pointer)
         self._host, self._device = [], []
-        self._call("cudaStreamDestroy", self._stream)
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            self._call("cudaStreamDestroy", stream)
 
 
 class PyCudaDevice:
@@ -96,6 +99,7 @@ class PyCudaDevice:
         import pycuda.driver as driver
 
         self.driver = driver
+        self.context = None
         try:
             driver.init()
             if driver.Device.count() < 1:
@@ -105,6 +109,7 @@ class PyCudaDevice:
             self.context.push()
             self.stream = driver.Stream()
         except driver.Error as error:
+            self.close()
             raise CudaUnavailable(f"CUDA failed: {error} (pycuda)") from None
         self._device = []
 
@@ -133,19 +138,30 @@ class PyCudaDevice:
         return int(allocation)
 
     def copy_to_device(self, device: int, host: np.ndarray) -> None:
-        self._checked(self.driver.memcpy_htod_async, device, host, self.stream)
+        self._checked(self.driver.memcpy_htod_async, device, contiguous(host), self.stream)
 
     def copy_to_host(self, host: np.ndarray, device: int) -> None:
-        self._checked(self.driver.memcpy_dtoh_async, host, device, self.stream)
+        self._checked(self.driver.memcpy_dtoh_async, contiguous(host), device, self.stream)
 
     def synchronize(self) -> None:
         self._checked(self.stream.synchronize)
 
     def close(self) -> None:
-        for allocation in self._device:
-            allocation.free()
+        """Free the buffers and release the primary context (pop, then detach); safe to call twice."""
+        for allocation in getattr(self, "_device", []):
+            self._checked(allocation.free)
         self._device = []
-        self.context.pop()
+        if self.context is not None:
+            context, self.context = self.context, None
+            self._checked(context.pop)
+            self._checked(context.detach)
+
+
+def contiguous(host: np.ndarray) -> np.ndarray:
+    """Copies read raw bytes from the array's first address: a strided view would send the wrong ones."""
+    if not host.flags.c_contiguous:
+        raise ValueError("CUDA copies need a C-contiguous host array")
+    return host
 
 
 CUDA_LIBRARIES = (PyCudaDevice, CudaBindingsDevice)
@@ -157,8 +173,10 @@ def open_cuda():
     for implementation in CUDA_LIBRARIES:
         try:
             return implementation()
-        except ImportError:
+        except ModuleNotFoundError:
             reasons.append(f"{implementation.library} is not installed")
+        except ImportError as error:  # installed, but a library it needs (libcuda.so.1: the driver) is missing
+            reasons.append(f"{implementation.library} cannot load: {error}")
         except CudaUnavailable as reason:
             reasons.append(str(reason))
     raise CudaUnavailable("; ".join(reasons) + " (pip install cuda-bindings, or pycuda where the CUDA toolkit "

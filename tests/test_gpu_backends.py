@@ -42,6 +42,16 @@ def test_cuda_bindings_has_every_runtime_call_the_adapter_makes():
     assert hasattr(runtime.cudaMemcpyKind, "cudaMemcpyDeviceToHost")
 
 
+def test_pycuda_has_every_name_the_adapter_uses():
+    driver = pytest.importorskip("pycuda.driver", reason="pycuda not importable (it builds against the CUDA toolkit "
+                                 "and needs the driver's libcuda.so.1)")
+    for path in ("init", "Error", "Device.count", "Device.name", "Device.compute_capability",
+                 "Device.retain_primary_context", "Context.push", "Context.pop", "Context.detach", "Stream.handle",
+                 "Stream.synchronize", "pagelocked_empty", "mem_alloc", "DeviceAllocation.free",
+                 "memcpy_htod_async", "memcpy_dtoh_async"):
+        assert _has_path(driver, path), path
+
+
 @pytest.mark.skipif(_gpu_present(), reason="a GPU is present: the start does not fail")
 def test_a_real_cuda_start_failure_is_a_clear_reason():
     pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings not installed (dev extra)")
