@@ -21,6 +21,10 @@ from .bundle import load_bundle
 from .console import InspectError, console, one_line_errors
 from .frame_loop import Grabber, LatencyStats
 from .inspector import Inspector
+from .out_folder import new_run_id
+from .overlays import OverlayStore
+from .run_log import JsonLog
+from .sinks import Sinks
 from .sources import open_source
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -70,23 +74,24 @@ def synthetic_video(path: Path, frames: int, size: tuple[int, int]) -> Path:
 
 
 def pipeline(bundle_dir: Path, video: Path, frames: int, backend: str, threads: int | None, out: Path) -> dict:
-    """inspect-run's loop on `frames` frames of the video played in a loop (mode every, NG overlays saved),
-    without console output."""
-    from .cli import FrameLoop, Save
+    """inspect-run's loop on `frames` frames of the video played in a loop (mode every, NG overlays saved,
+    the JSON log written), without console output."""
+    from .cli import FrameLoop
 
     inspector = Inspector(load_bundle(bundle_dir), backend, threads)
     source = open_source(str(video), loop=True)
     stop = threading.Event()
-    grabber = Grabber(source, "every", stop)
+    grabber = Grabber(source, "every", stop, label=str(video))
     stats = LatencyStats()
-    with open(out / "inspections.jsonl", "w") as log:
-        loop = FrameLoop(inspector, str(video), Save.ng, out, log, stats, verbose=False, view=None,
-                         counters=lambda: (grabber.dropped, source.reconnects))
-        grabber.start()
-        while stats.frames < frames and (taken := grabber.take(1)):
-            loop.inspect(taken)
-        stop.set()
+    run_id = new_run_id()
+    sinks = Sinks([OverlayStore(out, "ng", run_id), JsonLog(out)])
+    loop = FrameLoop(inspector, sinks, stats, run_id)
+    grabber.start()
+    while stats.frames < frames and (taken := grabber.take(1)):
+        loop.inspect(taken)
+    stop.set()
     grabber.join()
+    sinks.close()
     summary = stats.summary(grabber.dropped, 0)
     summary["backend"] = inspector.backend.name
     return summary

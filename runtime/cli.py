@@ -1,6 +1,6 @@
 """inspect-run: inspect every frame of a camera, video, stream or image folder with a calibrated bundle."""
 
-import json
+import contextlib
 import signal
 import threading
 import time
@@ -9,18 +9,20 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
-import cv2
 import numpy as np
 import typer
 from rich.markup import escape
 
 from .bundle import load_bundle
 from .console import InspectError, console, one_line_errors, warn
-from .files import atomic_write_bytes, atomic_write_json
-from .frame_loop import Frame, Grabber, LatencyStats
+from .files import atomic_write_json, writable_dir
+from .frame_loop import Frame, Grabber, Grabbers, LatencyStats
 from .inspector import Inspector
-from .live_view import LiveView
-from .regions import heat_overlay
+from .live_view import LiveView, LiveViewSink
+from .out_folder import OutLock, new_run_id, parse_bytes, positive_finite
+from .overlays import DiskBudget, OverlayStore
+from .run_log import JsonLog
+from .sinks import Inspected, RateLimitedWarning, Sink, Sinks
 from .sources import open_source
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -56,14 +58,17 @@ def stop_on_signals(stop: threading.Event):
 @one_line_errors
 def run(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by inspect-export (and calibrated)."),
-    source: str = typer.Option(None, "--source", help="Image folder, video file, stream URL (rtsp://, http://), "
-                               "camera index, GStreamer pipeline (contains '!'), or elpv (its held-out test cells)."),
+    source: list[str] = typer.Option(None, "--source", help="Image folder, video file, stream URL (rtsp://, "
+                                     "http://), camera index, GStreamer pipeline (contains '!'), or elpv (its held-out "
+                                     "test cells). Repeat for several sources: one capture thread each, one backend."),
     camera: int = typer.Option(None, "--camera", help="Camera index (OpenCV / V4L2), short for --source N."),
-    out: Path = typer.Option(Path("out"), "--out", help="Folder for inspections.jsonl, summary.json and overlays."),
+    out: Path = typer.Option(Path("out"), "--out", help="Folder for inspections.jsonl, summary.json and overlays "
+                             "(one run at a time: it is locked)."),
     save: Save = typer.Option(Save.ng, "--save", help="Which frames to save with the heat-map overlay."),
     mode: Mode = typer.Option(Mode.auto, "--mode", help="latest: newest frame only, count the skipped ones "
                               "(default for cameras and streams); every: each frame in order (default for files)."),
-    batch: int = typer.Option(1, "--batch", help="Frames per inference call (mode every)."),
+    batch: int = typer.Option(1, "--batch", help="Frames per inference call (mode every; with several sources at "
+                              "least one per source)."),
     watch: bool = typer.Option(False, "--watch", help="Keep watching an image folder for new files."),
     loop: bool = typer.Option(False, "--loop", help="Play a video file again from the start when it ends."),
     max_frames: int = typer.Option(0, "--max-frames", help="Stop after this many frames (0: until the source ends "
@@ -72,124 +77,204 @@ def run(
                              "(a page at /, MJPEG at /stream.mjpg); 0 picks a free port."),
     view_host: str = typer.Option("127.0.0.1", "--view-host", help="Address the live view listens on (0.0.0.0 "
                                   "to reach it from another machine)."),
+    view_clients: int = typer.Option(8, "--view-clients", help="Most live-view connections at once; more get 503."),
+    log_rotate: str = typer.Option(None, "--log-rotate", help="Start a new inspections.jsonl at this size (e.g. "
+                                   "100MB) or daily (UTC); default: at a tenth of --max-disk, else never."),
+    log_gzip: bool = typer.Option(False, "--log-gzip", help="Gzip rotated logs."),
+    max_disk: str = typer.Option(None, "--max-disk", help="Most disk the run folder may use (e.g. 2GB): the oldest "
+                                 "overlays, then rotated logs, are deleted first."),
+    keep_days: float = typer.Option(None, "--keep-days", help="Delete overlays and rotated logs older than this."),
+    mqtt: str = typer.Option(None, "--mqtt", help="Publish every record to mqtt://HOST[:PORT]/TOPIC-PREFIX "
+                             "(mqtts:// for TLS): PREFIX/frames, PREFIX/ng, retained PREFIX/status, PREFIX/heartbeat."),
+    mqtt_username: str = typer.Option(None, "--mqtt-username", help="MQTT user name."),
+    mqtt_password: str = typer.Option(None, "--mqtt-password", envvar="EDGE_INSPECT_MQTT_PASSWORD",
+                                      help="MQTT password (or $EDGE_INSPECT_MQTT_PASSWORD)."),
+    mqtt_ca: Path = typer.Option(None, "--mqtt-ca", help="CA certificate file for TLS."),
+    mqtt_cert: Path = typer.Option(None, "--mqtt-cert", help="Client certificate file for TLS."),
+    mqtt_key: Path = typer.Option(None, "--mqtt-key", help="Client key file for TLS."),
+    mqtt_queue: int = typer.Option(100_000, "--mqtt-queue", help="Most messages kept on disk while the broker is "
+                                   "unreachable (the oldest are dropped beyond it)."),
+    mqtt_heartbeat: float = typer.Option(10.0, "--mqtt-heartbeat", help="Seconds between heartbeats."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda, openvino or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
 ):
     """Score every frame, give an OK/NG verdict against the calibrated threshold, log one JSON line per frame
     and save NG frames with the anomaly heat map and the regions above the pixel threshold outlined."""
-    if (source is None) == (camera is None):
-        raise InspectError("give exactly one of --source and --camera")
-    if batch < 1:
-        raise InspectError(f"--batch must be at least 1, got {batch}")
-    source = str(camera) if camera is not None else source
+    sources = list(source or []) + ([str(camera)] if camera is not None else [])
+    if not sources:
+        raise InspectError("give --source (one or more) or --camera")
+    for value, option, low in ((batch, "--batch", 1), (max_frames, "--max-frames", 0), (view_clients, "--view-clients", 1),
+                               (mqtt_queue, "--mqtt-queue", 1)):
+        if value < low:
+            raise InspectError(f"{option} must be at least {low}, got {value}")
+    if view is not None and not 0 <= view <= 65535:
+        raise InspectError(f"--view {view}: a port is 0 to 65535")
+    positive_finite(keep_days, "--keep-days")
+    positive_finite(mqtt_heartbeat, "--mqtt-heartbeat")
+    max_bytes = parse_bytes(max_disk, "--max-disk") if max_disk else None
+    rotate_daily = log_rotate == "daily"
+    rotate_bytes = None if rotate_daily or not (log_rotate or max_bytes) else (
+        parse_bytes(log_rotate, "--log-rotate") if log_rotate else max(max_bytes // 10, 4096))
     bundle = load_bundle(bundle_dir)
     if bundle.thresholds is None:
         warn(f"{bundle_dir} is not calibrated: scores only, no verdicts (run inspect-calibrate)")
-    inspector = Inspector(bundle, backend, threads)
-    chosen = inspector.backend
-    console.print(escape(f"backend {chosen.name}" + "".join(f"; not {name}: {why}"
-                                                            for name, why in chosen.passed_over.items())))
-    frames = open_source(source, watch, loop)
-    mode = (Mode.latest if frames.live else Mode.every) if mode == Mode.auto else mode
-    out.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    grabber = Grabber(frames, mode.value, stop, queue_size=max(8, 2 * batch))
-    stats = LatencyStats()
-    live_view = LiveView(view_host, view) if view is not None else None
-    if live_view is not None:
-        console.print(f"live view on {live_view.url}")
-    with stop_on_signals(stop), open(out / "inspections.jsonl", "a") as log:
-        loop = FrameLoop(inspector, source, save, out, log, stats, verbose=None if frames.live else True,
-                         view=live_view, counters=lambda: (grabber.dropped, frames.reconnects))
-        grabber.start()
+    opened = [(label, open_source(text, watch, loop)) for label, text in zip(source_labels(sources), sources)]
+    mode = (Mode.latest if all(s.live for _, s in opened) else Mode.every) if mode == Mode.auto else mode
+    out = writable_dir(out, "--out")
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(OutLock(out).release)
+        run_id = new_run_id()
+        inspector = Inspector(bundle, backend, threads)
+        chosen = inspector.backend
+        console.print(escape(f"run {run_id}, backend {chosen.name}" + "".join(
+            f"; not {name}: {why}" for name, why in chosen.passed_over.items())))
+        stop = threading.Event()
+        condition = threading.Condition()
+        grabbers = Grabbers([Grabber(frames, mode.value, stop, queue_size=max(8, 2 * batch), label=label,
+                                     condition=condition) for label, frames in opened])
+        stats = LatencyStats()
+
+        def summary() -> dict:
+            counters = {g.label: {"dropped": g.dropped, "reconnects": g.source.reconnects} for g in grabbers.grabbers}
+            return {**stats.summary(sum(c["dropped"] for c in counters.values()),
+                                    sum(c["reconnects"] for c in counters.values()), counters),
+                    "run": run_id, "backend": chosen.name}
+
+        limited = RateLimitedWarning()
+        budget = DiskBudget(out, max_bytes, keep_days, limited)
+        outputs = Sinks([], limited)
+        cleanup.callback(outputs.close)
+        outputs.sinks += [OverlayStore(out, save.value, run_id, budget, limited),
+                          JsonLog(out, rotate_bytes, rotate_daily, log_gzip, lambda path: budget.add("log", path),
+                                  limited)]
+        if view is not None:
+            live_view = LiveView(view_host, view, view_clients)
+            console.print(f"live view on {live_view.url}")
+            outputs.sinks.append(LiveViewSink(live_view, summary))
+        if mqtt:
+            from .mqtt_sink import MqttSink, parse_mqtt_url
+
+            outputs.sinks.append(MqttSink(parse_mqtt_url(mqtt), out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
+                                          mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key))
+        outputs.sinks.append(ConsoleSink(verbose=None if mode == Mode.latest else True))
+        frame_loop = FrameLoop(inspector, outputs, stats, run_id)
+        count = max(batch, len(opened)) if mode == Mode.every else len(opened)
         try:
-            while not stop.is_set():
-                taken = grabber.take(batch if mode == Mode.every else 1)
-                if not taken:
-                    break
-                if max_frames:
-                    taken = taken[:max_frames - stats.frames]
-                loop.inspect(taken)
-                if max_frames and stats.frames >= max_frames:
-                    break
+            with stop_on_signals(stop):
+                grabbers.start()
+                while not stop.is_set():
+                    taken = grabbers.take(count)
+                    if not taken:
+                        break
+                    if max_frames:
+                        taken = taken[:max_frames - stats.frames - stats.skipped]
+                    frame_loop.inspect(taken)
+                    if max_frames and stats.frames + stats.skipped >= max_frames:
+                        break
         finally:
             stop.set()
-            grabber.join(timeout=5)
-            if live_view is not None:
-                live_view.close()
-    if grabber.error is not None and not isinstance(grabber.error, KeyboardInterrupt):
-        raise grabber.error
-    summary = {**stats.summary(grabber.dropped, frames.reconnects), "backend": chosen.name}
-    atomic_write_json(out / "summary.json", summary)
-    total = summary.get("total_ms", {})
-    console.print(f"{summary['frames']} frames, {summary['ng']} NG, {summary['dropped']} dropped, "
-                  f"{summary['reconnects']} reconnects, {summary['fps']:.1f} frames/s; latency p50 "
+            grabbers.join(timeout=5)
+            outputs.close()
+            outputs.sinks = []
+            result = {**summary(), "sink_failures": outputs.failures, "deleted_files": budget.deleted}
+            write_summary(out / "summary.json", result)
+    if grabbers.error is not None and not isinstance(grabbers.error, KeyboardInterrupt):
+        raise grabbers.error
+    total = result.get("total_ms", {})
+    console.print(f"{result['frames']} frames, {result['ng']} NG, {result['skipped']} skipped, {result['dropped']} "
+                  f"dropped, {result['reconnects']} reconnects, {result['fps']:.1f} frames/s; latency p50 "
                   f"{total.get('p50', 0):.1f} ms, p95 {total.get('p95', 0):.1f} ms, p99 {total.get('p99', 0):.1f} ms; "
                   f"log: {out / 'inspections.jsonl'}")
+    if result["frames"] == 0:
+        raise InspectError(f"no frame could be read from {', '.join(sources)}"
+                           + (f" ({result['skipped']} skipped: reasons in {out / 'inspections.jsonl'})"
+                              if result["skipped"] else ""))
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """summary.json, or a warning when the disk cannot take it (the console line below still says it all)."""
+    try:
+        atomic_write_json(path, summary)
+    except OSError as error:
+        warn(f"{path}: not written ({error.strerror or error})")
+
+
+def source_labels(sources: list[str]) -> list[str]:
+    """What each record calls its source: the --source text, with #2, #3… when one is given twice."""
+    labels = []
+    for text in sources:
+        repeats = sum(1 for earlier in sources[:len(labels)] if earlier == text)
+        labels.append(text if not repeats else f"{text}#{repeats + 1}")
+    return labels
+
+
+class ConsoleSink(Sink):
+    """verbose: True prints every frame, None only NG frames (cameras), False nothing."""
+
+    def __init__(self, verbose: bool | None):
+        self.verbose = verbose
+
+    def handle(self, item: Inspected) -> None:
+        record = item.record
+        if item.skipped:
+            if self.verbose is not False:
+                console.print(escape(f"{record['name']}: skipped ({record['skipped']})"))
+        elif self.verbose is True or (self.verbose is None and item.verdict == "NG"):
+            console.print(escape(f"{record['name']}: {item.verdict or '-'} score {record['score']:.3f}"
+                                 + (f" → {record['overlay']}" if "overlay" in record else "")))
 
 
 class FrameLoop:
-    """Resize → one inference call → per frame: verdict, regions, overlay, one flushed JSON line, and the
-    live view's picture when it is on."""
+    """Resize → one inference call for the frames taken (of every source) → one record per frame, in order,
+    handed to the sinks. `seq` numbers the records of the run (skipped frames too), so a consumer can tell
+    a gap from a duplicate."""
 
-    VIEW_INTERVAL_S = 0.1  # at most 10 annotated frames per second for the live view
-
-    def __init__(self, inspector: Inspector, source: str, save: Save, out: Path, log, stats: LatencyStats,
-                 verbose: bool | None, view: LiveView | None, counters):
-        """verbose: True prints every frame, None only NG frames, False nothing; counters() gives the
-        dropped frames and reconnects so far, for the live view."""
-        self.inspector, self.source, self.save, self.out, self.log = inspector, source, save, out, log
-        self.stats, self.verbose, self.view, self.counters = stats, verbose, view, counters
-        self.last_view = 0.0
+    def __init__(self, inspector: Inspector, sinks: Sinks, stats: LatencyStats, run_id: str):
+        self.inspector, self.sinks, self.stats, self.run_id = inspector, sinks, stats, run_id
+        self.seq = 0
         self.last_done: float | None = None
+
+    def _record(self, frame: Frame) -> dict:
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "run": self.run_id,
+                  "seq": self.seq, "frame": frame.index, "name": frame.name, "source": frame.source}
+        self.seq += 1
+        return record
 
     def inspect(self, taken: list[Frame]) -> None:
         inspector = self.inspector
-        clock = time.perf_counter()
-        prepared = np.stack([inspector.prepare(frame.rgb) for frame in taken])
-        preprocess_ms = (time.perf_counter() - clock) * 1000 / len(taken)
-        clock = time.perf_counter()
-        maps, scores = inspector.infer(prepared)
-        inference_ms = (time.perf_counter() - clock) * 1000 / len(taken)
-        for frame, anomaly_map, score in zip(taken, maps, scores):
+        readable = [frame for frame in taken if frame.rgb is not None]
+        outcomes = iter(())
+        if readable:
+            clock = time.perf_counter()
+            prepared = np.stack([inspector.prepare(frame.rgb) for frame in readable])
+            preprocess_ms = (time.perf_counter() - clock) * 1000 / len(readable)
+            clock = time.perf_counter()
+            maps, scores = inspector.infer(prepared)
+            inference_ms = (time.perf_counter() - clock) * 1000 / len(readable)
+            outcomes = zip(maps, scores)
+        for frame in taken:
+            record = self._record(frame)
+            if frame.rgb is None:
+                record["skipped"] = frame.error
+                self.stats.add_skipped(frame.source)
+                self.sinks.handle(Inspected(record))
+                continue
+            anomaly_map, score = next(outcomes)
             clock = time.perf_counter()
             inspection = inspector.judge(float(score), anomaly_map)
-            record = {
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                "frame": frame.index, "name": frame.name, "source": self.source,
-                "score": round(inspection.score, 5), "threshold": inspector.image_threshold,
-                "verdict": inspection.verdict, "regions": [r.to_dict() for r in inspection.regions],
-            }
-            overlay = None
-            if self.save == Save.all or (self.save == Save.ng and inspection.verdict == "NG"):
-                overlay = heat_overlay(frame.rgb, inspection.anomaly_map, inspector.pixel_threshold)
-                image_path = self.out / f"{Path(frame.name).stem}_{frame.index:06d}.jpg"
-                atomic_write_bytes(image_path, cv2.imencode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-                record["overlay"] = str(image_path)
+            record.update(score=round(inspection.score, 5), threshold=inspector.image_threshold,
+                          verdict=inspection.verdict, regions=[r.to_dict() for r in inspection.regions])
             stages = {"capture": frame.capture_ms, "preprocess": preprocess_ms, "inference": inference_ms,
                       "postprocess": (time.perf_counter() - clock) * 1000}
             record["latency_ms"] = {stage: round(value, 2) for stage, value in stages.items()}
-            self.log.write(json.dumps(record) + "\n")
-            self.log.flush()
-            self.stats.add(stages, inspection.verdict)
-            self._publish(frame, inspection, overlay)
-            if self.verbose is True or (self.verbose is None and inspection.verdict == "NG"):
-                console.print(f"{frame.name}: {inspection.verdict or '-'} score {inspection.score:.3f}"
-                              + (f" → {record['overlay']}" if "overlay" in record else ""))
+            clock = time.perf_counter()
+            self.sinks.handle(Inspected(record, frame.rgb, inspection.anomaly_map, inspector.pixel_threshold))
+            self.stats.add({**stages, "output": (time.perf_counter() - clock) * 1000}, inspection.verdict,
+                           frame.source)
         done = time.perf_counter()
-        if self.last_done is not None:
-            self.stats.add_frame_time((done - self.last_done) * 1000 / len(taken), len(taken))
+        if self.last_done is not None and readable:
+            self.stats.add_frame_time((done - self.last_done) * 1000 / len(readable), len(readable))
         self.last_done = done
-
-    def _publish(self, frame: Frame, inspection, overlay) -> None:
-        if self.view is None or time.perf_counter() - self.last_view < self.VIEW_INTERVAL_S:
-            return
-        self.last_view = time.perf_counter()
-        if overlay is None:
-            overlay = heat_overlay(frame.rgb, inspection.anomaly_map, self.inspector.pixel_threshold)
-        stats = self.stats.summary(*self.counters())
-        stats["last"] = {"name": frame.name, "verdict": inspection.verdict or "-", "score": round(inspection.score, 4)}
-        self.view.publish(cv2.imencode(".jpg", overlay)[1].tobytes(), stats)
 
 
 def main():

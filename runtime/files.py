@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .console import InspectError
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
@@ -37,6 +39,22 @@ def replace_dir(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def writable_dir(path: Path, option: str) -> Path:
+    """Create the output folder `option` names and prove it writable with a probe file, so that a command fails
+    at once with one line, not after its work or with a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise InspectError(f"{option} {path}: is a file, not a folder") from None
+    except OSError as error:
+        raise InspectError(f"{option} {path}: cannot write there ({error.strerror or error})") from None
+    return path
 
 
 def cache_dir(kind: str) -> Path:

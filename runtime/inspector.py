@@ -52,7 +52,7 @@ class Inspector:
     def judge(self, score: float, anomaly_map: np.ndarray) -> Inspection:
         if self.image_threshold is None:
             return Inspection(score, anomaly_map)
-        verdict = "NG" if score > self.image_threshold else "OK"
+        verdict = "NG" if not score <= self.image_threshold else "OK"  # a NaN score fails safe: NG
         regions = find_regions(anomaly_map, self.pixel_threshold) if verdict == "NG" else []
         return Inspection(score, anomaly_map, verdict, regions)
 

@@ -4,6 +4,7 @@ index or a GStreamer pipeline (Jetson CSI cameras; needs an OpenCV built with GS
 Live sources (cameras, streams, pipelines) that disconnect or stall are reopened with back-off, and the
 run goes on; files end when they end."""
 
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,8 @@ BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 10.0
 
 
 class FrameSource:
-    """Iterable of (name, RGB frame); `live` says whether frames keep coming whatever we do (a camera)."""
+    """Iterable of (name, RGB frame or None, why not): a frame that cannot be decoded comes with its reason
+    instead, so the run logs it and goes on. `live` says whether frames keep coming whatever we do (a camera)."""
 
     live = False
 
@@ -26,32 +28,66 @@ class FrameSource:
         self.description = description
         self.reconnects = 0
 
-    def frames(self, stop) -> Iterator[tuple[str, np.ndarray]]:
+    def frames(self, stop) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
         raise NotImplementedError
 
 
 class FolderSource(FrameSource):
-    def __init__(self, paths: list[Path], folder: Path | None = None, watch: bool = False, poll_s: float = 0.5):
+    """The images of a folder in name order; with `watch`, new files as they arrive. A file is taken once its
+    modification time is `settle_s` old (a writer still busy with it would give half an image), and one that
+    does not decode is tried again at every poll until it has not changed for `give_up_s`, then logged as
+    skipped. The folder is listed again only when its own modification time changes, and files that are gone
+    are forgotten."""
+
+    def __init__(self, paths: list[Path], folder: Path | None = None, watch: bool = False, poll_s: float = 0.5,
+                 settle_s: float = 0.25, give_up_s: float = 5.0):
         super().__init__(str(folder) if folder else "image list")
         self.paths, self.folder, self.watch, self.poll_s = paths, folder, watch, poll_s
+        self.settle_s, self.give_up_s = settle_s, give_up_s
 
-    def frames(self, stop) -> Iterator[tuple[str, np.ndarray]]:
-        seen = set()
-        pending = list(self.paths)
-        while not stop.is_set():
-            for path in pending:
-                seen.add(path)
-                try:
-                    yield path.name, read_image(path)
-                except InspectError as error:
-                    warn(f"skipped {error}")
+    def frames(self, stop) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+        if not self.watch:
+            for path in self.paths:
                 if stop.is_set():
                     return
-            if not self.watch:
-                return
+                yield self._read(path, give_up=True)
+            return
+        done: set[str] = set()  # names taken or given up on, while they are in the folder
+        listed_at = None
+        candidates: set[str] = {path.name for path in self.paths}
+        while not stop.is_set():
+            stamp = self.folder.stat().st_mtime_ns
+            if stamp != listed_at:
+                present = {p.name for p in self.folder.iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+                done &= present
+                candidates = (candidates | present) - done
+                listed_at = stamp
+            for name in sorted(candidates):
+                path = self.folder / name
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    candidates.discard(name)
+                    continue
+                if age < self.settle_s:
+                    continue  # still being written, or just written: next poll
+                name, rgb, error = self._read(path, give_up=age >= self.give_up_s)
+                if rgb is None and error is None:
+                    continue  # undecodable but recent: try again at the next poll
+                candidates.discard(path.name)
+                done.add(path.name)
+                yield name, rgb, error
+                if stop.is_set():
+                    return
             stop.wait(self.poll_s)
-            pending = sorted(p for p in self.folder.iterdir()
-                             if p not in seen and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+    @staticmethod
+    def _read(path: Path, give_up: bool) -> tuple[str, np.ndarray | None, str | None]:
+        try:
+            return path.name, read_image(path), None
+        except InspectError as error:
+            return path.name, None, (str(error) if give_up else None)
 
 
 class CaptureSource(FrameSource):
@@ -78,7 +114,11 @@ class CaptureSource(FrameSource):
                 ok, frame = self.capture.read() if self.capture is not None else (False, None)
                 if ok:
                     backoff = BACKOFF_START_S
-                    yield str(index), to_rgb(frame)
+                    try:
+                        rgb, error = to_rgb(frame), None
+                    except InspectError as problem:
+                        rgb, error = None, str(problem)
+                    yield str(index), rgb, error
                     index += 1
                     continue
                 if not self.live:
