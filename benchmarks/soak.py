@@ -1,11 +1,14 @@
-"""A long run of inspect-run on a looping video: resident memory after warm-up vs at the end, and whether
-every frame got its JSON line. The video is made of the bundle's held-out good images and a few defective
-ones (about one NG frame in ten), at 512×512.
+"""A long run of inspect-run on a looping video: resident memory after warm-up vs at the end, whether every
+frame got its JSON line (across rotated logs, in order), and with --max-disk the largest size the run folder
+reached. The video is made of the bundle's held-out good images and a few defective ones (about one NG frame
+in ten), at 512×512.
 
     python benchmarks/soak.py runs/bottle/bundle --data ../shared/data/mvtec_ad/bottle --frames 10000
+    python benchmarks/soak.py runs/bottle/bundle --data … --frames 10000 --save all --max-disk 50MB
 """
 
 import argparse
+import gzip
 import json
 import subprocess
 import sys
@@ -48,6 +51,23 @@ def line_count(path: Path) -> int:
         return sum(1 for _ in f)
 
 
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:  # deleted by the retention meanwhile
+            pass
+    return total
+
+
+def logged_sequence(out: Path) -> list[int]:
+    """seq of every JSON line, rotated logs (plain or gzipped, oldest first) then the current one."""
+    paths = sorted(out.glob("inspections-*.jsonl*")) + [out / "inspections.jsonl"]
+    return [json.loads(line)["seq"] for path in paths
+            for line in (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")).read().splitlines()]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
@@ -56,6 +76,8 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
     parser.add_argument("--video", type=Path, help="write the line video here and keep it (for inspect-bench "
                                                    "--video); default: a temporary file")
+    parser.add_argument("--save", default="ng", choices=("ng", "all", "none"))
+    parser.add_argument("--max-disk", help="inspect-run's --max-disk (e.g. 50MB)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -63,11 +85,11 @@ def main():
         clip_frames = make_video(video, load_bundle(args.bundle), args.data)
         command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(args.bundle),
                    "--source", str(video), "--loop", "--max-frames", str(args.frames),
-                   "--out", str(work / "out"), "--save", "ng"]
+                   "--out", str(work / "out"), "--save", args.save] + (["--max-disk", args.max_disk] if args.max_disk else [])
         errors = open(work / "stderr.txt", "w")  # a file, not a pipe: an unread pipe would block the run
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
         log = work / "out" / "inspections.jsonl"
-        samples, after_warmup = [], None
+        samples, after_warmup, largest = [], None, 0
         while process.poll() is None:
             time.sleep(1.0)
             try:
@@ -77,16 +99,20 @@ def main():
             if not memory:  # exiting
                 continue
             frames = line_count(log)
+            largest = max(largest, folder_bytes(work / "out"))
             samples.append((frames, memory))
             if after_warmup is None and frames >= WARMUP_FRAMES:
                 after_warmup = memory
         errors.close()
         stderr = (work / "stderr.txt").read_text()
-        lines = line_count(log)
+        sequence = logged_sequence(work / "out")
+        largest = max(largest, folder_bytes(work / "out"))
         summary = json.loads((work / "out" / "summary.json").read_text())
     later = [memory for frames, memory in samples if frames >= WARMUP_FRAMES]
     result = {
-        "frames_asked": args.frames, "json_lines": lines, "summary_frames": summary["frames"],
+        "frames_asked": args.frames, "json_lines": len(sequence), "summary_frames": summary["frames"],
+        "lines_in_order_without_gap": sequence == list(range(len(sequence))), "save": args.save,
+        "max_disk": args.max_disk, "folder_max_mb": round(largest / 1e6, 2), "deleted_files": summary.get("deleted_files"),
         "video_frames": clip_frames, "backend": summary["backend"], "rss_after_warmup_mb": round(after_warmup or 0, 1),
         "rss_max_after_warmup_mb": round(max(later or [0]), 1), "rss_end_mb": round(samples[-1][1], 1),
         "growth_mb": round(max(later or [0]) - (after_warmup or 0), 1), "fps": summary["fps"],

@@ -109,6 +109,8 @@ def run(
             raise InspectError(f"{option} must be at least {low}, got {value}")
     if view is not None and not 0 <= view <= 65535:
         raise InspectError(f"--view {view}: a port is 0 to 65535")
+    if mqtt_password and not mqtt_username:
+        raise InspectError("--mqtt-password needs --mqtt-username")
     positive_finite(keep_days, "--keep-days")
     positive_finite(mqtt_heartbeat, "--mqtt-heartbeat")
     max_bytes = parse_bytes(max_disk, "--max-disk") if max_disk else None

@@ -112,6 +112,7 @@ class LatencyStats:
     constant memory) and running totals."""
 
     def __init__(self, window: int = 10000):
+        self.lock = threading.Lock()  # summary() is also called from other threads (MQTT heartbeat, live view)
         self.window = {stage: deque(maxlen=window) for stage in (*STAGES, "total", "frame")}
         self.inference_total_ms = 0.0
         self.frames = self.ng = self.skipped = 0
@@ -122,6 +123,10 @@ class LatencyStats:
         return self.per_source.setdefault(source, {"frames": 0, "ng": 0, "skipped": 0})
 
     def add(self, stages: dict[str, float], verdict: str | None, source: str = "") -> None:
+        with self.lock:
+            self._add(stages, verdict, source)
+
+    def _add(self, stages: dict[str, float], verdict: str | None, source: str) -> None:
         for stage, value in stages.items():
             self.window[stage].append(value)
         self.window["total"].append(sum(stages.values()))
@@ -134,15 +139,21 @@ class LatencyStats:
 
     def add_skipped(self, source: str = "") -> None:
         """A frame that could not be decoded: logged with its reason, not inspected."""
-        self.skipped += 1
-        self._source(source)["skipped"] += 1
+        with self.lock:
+            self.skipped += 1
+            self._source(source)["skipped"] += 1
 
     def add_frame_time(self, ms_per_frame: float, frames: int) -> None:
         """Wall time between consecutive verdicts (the loop's period, waiting for frames included)."""
-        self.window["frame"].extend([ms_per_frame] * frames)
+        with self.lock:
+            self.window["frame"].extend([ms_per_frame] * frames)
 
     def summary(self, dropped: int, reconnects: int, sources: dict[str, dict] | None = None) -> dict:
         """Totals and latency percentiles; `sources` (label → dropped and reconnects) adds per-source counts."""
+        with self.lock:
+            return self._summary(dropped, reconnects, sources)
+
+    def _summary(self, dropped: int, reconnects: int, sources: dict[str, dict] | None) -> dict:
         elapsed = time.perf_counter() - self.started
         result = {"frames": self.frames, "ng": self.ng, "skipped": self.skipped, "dropped": dropped,
                   "reconnects": reconnects,

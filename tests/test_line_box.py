@@ -145,11 +145,11 @@ def tmpfs(path: Path, size: str):
 def test_a_full_disk_does_not_stop_the_run_and_no_line_is_lost(patchcore_bundle, mvtec_like, tmp_path):
     out = tmp_path / "small-disk"
     tmpfs(out, "1M")
+    video = video_of(mvtec_like / "test" / "good", tmp_path / "line.avi")
+    process = subprocess.Popen(RUN + [str(patchcore_bundle), "--source", str(video), "--loop", "--save", "none",
+                                      "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=dict(os.environ, COLUMNS="250"))
     try:
-        video = video_of(mvtec_like / "test" / "good", tmp_path / "line.avi")
-        process = subprocess.Popen(RUN + [str(patchcore_bundle), "--source", str(video), "--loop", "--save", "none",
-                                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, env=dict(os.environ, COLUMNS="250"))
         log = out / "inspections.jsonl"
         deadline = time.time() + 60
         while time.time() < deadline and (not log.is_file() or log.stat().st_size < 2000):
@@ -174,7 +174,10 @@ def test_a_full_disk_does_not_stop_the_run_and_no_line_is_lost(patchcore_bundle,
         assert [line["seq"] for line in lines] == list(range(summary["frames"]))  # none lost, in order
         assert log.stat().st_size > full_size
     finally:
-        subprocess.run(["umount", str(out)], check=False)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        subprocess.run(["umount", "--lazy", str(out)], check=False)
 
 
 def test_retention_deletes_the_oldest_overlays_first(tmp_path):
