@@ -8,11 +8,11 @@ from rich.table import Table
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.console import InspectError, console, one_line_errors
 from edgeinspect.runtime.datasets import open_dataset
-from edgeinspect.runtime.files import atomic_write_json
+from edgeinspect.runtime.files import atomic_write_json, writable_dir, writable_file_parent
 from edgeinspect.runtime.images import list_images
 
 from .evaluate import METRIC_COLUMNS, evaluate, metrics_rows, predict
-from .thresholds import calibrate
+from .thresholds import calibrate, check_options
 
 calibrate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -30,11 +30,16 @@ def calibrate_command(
     fpr: float = typer.Option(0.01, "--fpr", help="False-alarm rate on good images of the quantile method."),
 ):
     """Set the image and pixel thresholds from held-out good images, run through the bundle itself."""
+    check_options(method, k, fpr)
     bundle = load_bundle(bundle_dir)
     if images is not None:
         paths, source = list_images(images), str(images)
     else:
-        paths, source = [Path(p) for p in bundle.record["training"]["validation"]], "validation"
+        recorded = (bundle.record.get("training") or {}).get("validation")
+        if not recorded:
+            raise InspectError(f"{bundle.path / 'bundle.json'}: no held-out validation images recorded "
+                               "(training.validation); pass --images with a folder of good images")
+        paths, source = [Path(p) for p in recorded], "validation"
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise InspectError(f"{missing[0]}: validation image not found ({len(missing)} missing); "
@@ -63,7 +68,14 @@ def eval_command(
 ):
     """Image AUROC, pixel AUROC, AUPRO, F1-max and precision/recall/accuracy at the calibrated threshold,
     per defect type and overall (pixel metrics only where the data set has ground-truth masks)."""
+    if batch_size < 1:
+        raise InspectError(f"--batch-size must be at least 1, got {batch_size}")
     bundle = load_bundle(bundle_dir)
+    # where the results go is checked before anything is computed
+    out = writable_file_parent(out, "--out") if out is not None else writable_file_parent(
+        bundle.path / "eval.json", "--out (default BUNDLE/eval.json)")
+    if report is not None:
+        report = writable_dir(report, "--report")
     dataset = open_dataset(data)
     predictions = predict(bundle, dataset, batch_size)
     result = evaluate(bundle, predictions, dataset.name)
@@ -71,7 +83,6 @@ def eval_command(
     for row in metrics_rows(result):
         table.add_row(*row)
     console.print(table)
-    out = out or bundle.path / "eval.json"
     atomic_write_json(out, result)
     console.print(f"metrics written to {out}")
     if report is not None:

@@ -19,7 +19,12 @@ def read_mask(sample: TestSample, image_shape: tuple[int, int], map_shape: tuple
     """Ground truth as a bool array at the map's size; good images and images without a mask are all-False."""
     if sample.mask is None:
         return np.zeros(map_shape, dtype=bool)
-    mask = cv2.imread(str(sample.mask), cv2.IMREAD_GRAYSCALE)
+    if not sample.mask.is_file():
+        raise InspectError(f"{sample.mask}: mask missing for the defective test image {sample.path}")
+    try:
+        mask = cv2.imread(str(sample.mask), cv2.IMREAD_GRAYSCALE)
+    except cv2.error:
+        mask = None
     if mask is None:
         raise InspectError(f"{sample.mask}: not a readable mask image")
     if mask.shape != image_shape:
@@ -46,6 +51,9 @@ class Predictions:
 def predict(bundle: Bundle, dataset: Dataset, batch_size: int = 8, backend="auto") -> Predictions:
     if not dataset.test:
         raise InspectError(f"--data {dataset.name}: no test images (an MVTec AD layout has test/<type>/)")
+    if batch_size < 1:
+        raise InspectError(f"--batch-size must be at least 1, got {batch_size}")
+    dataset.check_masks()  # before any inference: a missing mask would be scored as all-good pixels
     inspector = Inspector(bundle, backend)
     by_path = {sample.path: sample for sample in dataset.test}
     with_masks = dataset.has_masks

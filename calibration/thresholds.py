@@ -1,6 +1,7 @@
 """Thresholds from scores of held-out good images, measured through the bundle itself: μ + k·σ (the
 default), or the (1 − fpr) quantile when the scores are far from normal."""
 
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from edgeinspect.runtime.bundle import Bundle
 from edgeinspect.runtime.console import InspectError, progress_bar, warn
 from edgeinspect.runtime.inspector import Inspector
 
-MIN_IMAGES = 10
+MIN_IMAGES = 2  # fewer readable good images than this is an error: σ needs two
+ROUGH_BELOW = 20  # fewer than this gives a warning: the threshold is a rough estimate
 METHODS = {"sigma": "mean+k*std", "quantile": "quantile"}  # option value → name stored in bundle.json
 PIXELS_PER_IMAGE = 16384  # evenly strided sample of each map, for pixel quantiles and exceedance rates
 NORMALITY_P = 0.01  # Shapiro-Wilk p-value below which the μ+kσ rule is flagged
@@ -59,12 +61,10 @@ def normality(scores: np.ndarray) -> dict:
 def calibrate(bundle: Bundle, images: list[Path], k: float = 3.0, source: str = "validation",
               method: str = "sigma", fpr: float = 0.01) -> dict:
     """Store image and pixel thresholds in bundle.json (atomically) and return them."""
-    if method not in METHODS:
-        raise InspectError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    if k <= 0:
-        raise InspectError(f"--k must be positive, got {k}")
-    if not 0 < fpr < 1:
-        raise InspectError(f"--fpr must be between 0 and 1, got {fpr}")
+    check_options(method, k, fpr)
+    if len(images) < MIN_IMAGES:
+        raise InspectError(f"{len(images)} good image(s) for calibration: need at least {MIN_IMAGES} (μ+kσ needs a "
+                           f"spread; {ROUGH_BELOW} or more for a threshold that is more than a rough estimate)")
     inspector = Inspector(bundle)
     scores, pixels, pixel_sample = [], RunningMoments(), []
     with progress_bar() as bar:
@@ -75,8 +75,17 @@ def calibrate(bundle: Bundle, images: list[Path], k: float = 3.0, source: str = 
             pixel_sample.append(anomaly_map.ravel()[::max(1, anomaly_map.size // PIXELS_PER_IMAGE)])
     scores = np.array(scores)
     if len(scores) < MIN_IMAGES:
+        raise InspectError(f"only {len(scores)} of the {len(images)} good images could be read: need at least "
+                           f"{MIN_IMAGES} for calibration")
+    if not np.isfinite(scores).all():
+        raise InspectError(f"the bundle gave {int((~np.isfinite(scores)).sum())} non-finite score(s) on good images: "
+                           "no threshold written; re-export the bundle")
+    if np.ptp(scores) == 0:
+        raise InspectError(f"all {len(scores)} good images have the same score {scores[0]:.6g} (σ = 0: copies of one "
+                           "image?): no threshold written; calibrate on varied good images")
+    if len(scores) < ROUGH_BELOW:
         warn(f"only {len(scores)} good images for calibration: the threshold is a rough estimate; "
-             f"use at least {MIN_IMAGES}")
+             f"use at least {ROUGH_BELOW}")
     if method == "quantile" and len(scores) * fpr < 1:
         warn(f"{len(scores)} images cannot resolve --fpr {fpr:g} at image level: the threshold is the highest "
              f"good score; use at least {int(np.ceil(1 / fpr))} images")
@@ -95,6 +104,23 @@ def calibrate(bundle: Bundle, images: list[Path], k: float = 3.0, source: str = 
         "pixel": {**threshold_summary(pixels, np.concatenate(pixel_sample), method, k, fpr),
                   "n_images": len(scores)},
     }
+    for level in ("image", "pixel"):
+        if not math.isfinite(thresholds[level]["threshold"]) or not math.isfinite(thresholds[level]["std"]):
+            raise InspectError(f"the {level} threshold came out as {thresholds[level]['threshold']} (μ = "
+                               f"{thresholds[level]['mean']}, σ = {thresholds[level]['std']}): not written")
+    if not thresholds["pixel"]["std"] > 0:
+        raise InspectError("every good anomaly map has the same value everywhere (pixel σ = 0): no threshold "
+                           "written; check the bundle")
     bundle.record["thresholds"] = thresholds
     bundle.save()
     return thresholds
+
+
+def check_options(method: str, k: float, fpr: float) -> None:
+    """--method, --k (finite, > 0) and --fpr (0 < fpr < 1), before any image is read."""
+    if method not in METHODS:
+        raise InspectError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if not (math.isfinite(k) and k > 0):
+        raise InspectError(f"--k must be a finite number above 0, got {k:g}")
+    if not 0 < fpr < 1:
+        raise InspectError(f"--fpr must be between 0 and 1 (exclusive), got {fpr:g}")

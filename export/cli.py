@@ -9,6 +9,7 @@ from edgeinspect.runtime.bundle import BUNDLE_RECORD, load_bundle
 from edgeinspect.runtime.console import InspectError, console, one_line_errors
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+MAX_WORKSPACE_MB = 1 << 20
 
 
 def parse_batch_sizes(text: str) -> tuple[int, int, int]:
@@ -27,7 +28,7 @@ def export(
     path: Path = typer.Argument(..., help="Training run folder (written by inspect-train), or a bundle folder "
                                 "for --check / --engine."),
     out: Path = typer.Option(None, "--out", help="Bundle folder to write (default: RUN/bundle)."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version, 13 to 23."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write an fp16 ONNX model and, where TensorRT and a GPU "
                               "are present, an fp16 TensorRT engine (fragile layers stay fp32)."),
     engine: bool = typer.Option(False, "--engine", help="Build the TensorRT engine on this device (fp32 unless "
@@ -44,11 +45,14 @@ def export(
     TensorRT accepts, and write the bundle. On a bundle (--engine, --fp16, --check) no torch is needed."""
     from .device_export import EngineOptions, engine_for_bundle, report_tensorrt_check
 
-    if workspace_mb < 1:
-        raise InspectError(f"--workspace-mb must be at least 1, got {workspace_mb}")
+    if not 1 <= workspace_mb <= MAX_WORKSPACE_MB:
+        raise InspectError(f"--workspace-mb must be from 1 to {MAX_WORKSPACE_MB} (1 TiB), got {workspace_mb}")
     options = EngineOptions(fp16=fp16, build_engine=engine, batch_sizes=parse_batch_sizes(batch_sizes),
                             workspace_mb=workspace_mb, timing_cache=timing_cache)
     is_bundle = (path / BUNDLE_RECORD).is_file()
+    if is_bundle and out is not None:
+        raise InspectError(f"--out: {path} is a bundle, which --check reads and --engine/--fp16 update in place; "
+                           "--out is for exporting a training run")
     if check:
         if not is_bundle:
             raise InspectError(f"{path}: --check needs a bundle folder (one with {BUNDLE_RECORD})")

@@ -2,7 +2,6 @@
 TensorRT engine (`inspect-export BUNDLE --engine [--fp16]` on a Jetson or a GPU box)."""
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from rich.markup import escape
 
 from edgeinspect.runtime.bundle import Bundle, file_digests, load_bundle
 from edgeinspect.runtime.console import InspectError, console, warn
-from edgeinspect.runtime.files import replace_dir
+from edgeinspect.runtime.files import replace_dir, staging_dir
 
 from .precision import convert_fp16
 from .tensorrt_check import check_tensorrt
@@ -79,7 +78,7 @@ def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
     if "precision" not in bundle.record:
         raise InspectError(f"{bundle_dir}: exported before fp16 and engine support; export it again from its run "
                            "folder (inspect-export RUN), then build the engine")
-    staging = Path(tempfile.mkdtemp(dir=bundle.path.parent, prefix=f".{bundle.path.name}.staging-"))
+    staging = staging_dir(bundle.path)  # removes the staging folders that killed exports left
     try:
         shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
         staged = Bundle(staging, bundle.record)

@@ -2,7 +2,6 @@
 ``anomaly_map`` (B, 1, H, W) and ``score`` (B,); normalisation and the memory bank live inside it."""
 
 import shutil
-import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -14,9 +13,9 @@ import torch
 
 import edgeinspect
 from edgeinspect.runtime.backends import OrtCpuBackend
-from edgeinspect.runtime.bundle import BUNDLE_FORMAT_VERSION, Bundle, file_digests
+from edgeinspect.runtime.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_RECORD, Bundle, file_digests
 from edgeinspect.runtime.console import InspectError, console, warn
-from edgeinspect.runtime.files import replace_dir
+from edgeinspect.runtime.files import replace_dir, staging_dir, writable_dir
 from edgeinspect.runtime.images import load_resized
 from edgeinspect.train.run import load_run
 
@@ -28,19 +27,45 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ["anomaly_map", "score"]
 MODEL_FILE = "model.onnx"
 PARITY_TOLERANCE = 1e-4  # of the anomaly map's value range
+# --opset: torch.onnx's TorchScript exporter writes up to 23 (TensorRT 10.15 reads 9-24, tensorrt_support.json).
+# Every kind exports at 11-23; at 9-10 PatchCore and DFR export but fail parity (Resize semantics), and opset 13
+# is where Reduce*/Split/Squeeze took their current form, so 13 is the lowest offered.
+OPSET_RANGE = (13, 23)
+
+
+def check_opset(opset: int) -> int:
+    low, high = OPSET_RANGE
+    if not low <= opset <= high:
+        raise InspectError(f"--opset must be from {low} to {high} (what torch.onnx writes and TensorRT reads for "
+                           f"these graphs), got {opset}")
+    return opset
+
+
+def check_out(out: Path, option: str = "--out") -> Path:
+    """The bundle folder to write: the export replaces it whole, so it must be new, empty or a bundle (never a
+    file, nor a folder of other things), and its parent, where the staging folder goes, must be writable."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise InspectError(f"{option} {out}: is a file, not a folder")
+        if any(out.iterdir()) and not (out / BUNDLE_RECORD).is_file():
+            raise InspectError(f"{option} {out}: holds files but no {BUNDLE_RECORD}; the export replaces the whole "
+                               "folder, so give a new or empty folder, or an existing bundle")
+    writable_dir(out.parent, option, shown=out)
+    return out
 
 
 def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parity_images: int = 8,
                   engine: EngineOptions = EngineOptions()) -> Bundle:
     """Export, verify against PyTorch, check TensorRT compatibility, add the fp16 model and the engine when
     asked, and swap the finished bundle into place (never half-written)."""
+    check_opset(opset)
+    out = check_out(out) if out is not None else check_out(Path(run_dir) / "bundle", "--out (default RUN/bundle)")
     model, run = load_run(run_dir)
     if run.get("state") == "training":
         warn(f"{run_dir}: training has not finished; exporting its best checkpoint so far")
-    out = Path(out) if out is not None else Path(run_dir) / "bundle"
     size = tuple(run["config"]["image_size"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging = staging_dir(out)  # removes the staging folders that killed exports left
     try:
         clock = time.perf_counter()
         export_onnx(model, staging / MODEL_FILE, size, opset)

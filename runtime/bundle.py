@@ -1,15 +1,103 @@
 """The bundle: one folder with the exported model files and ``bundle.json``, the one metadata record the
-runtime configures itself from (input size, outputs, preprocessing, thresholds, file digests)."""
+runtime configures itself from (input size, outputs, preprocessing, thresholds, file digests).
+
+bundle.json is checked once, where it is read (load_bundle), against one JSON Schema (BUNDLE_SCHEMA), and again
+before it is written (Bundle.save): everything past load_bundle may take the fields it reads as valid."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
+
 from .console import InspectError
-from .files import atomic_write_json, sha256_file
+from .files import atomic_write_bytes, sha256_file
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_RECORD = "bundle.json"
+MAX_INPUT_SIDE = 4096  # pixels per side of the model input: what inspect-train accepts
+OUTPUT_NAMES = ["anomaly_map", "score"]
+
+# "x-message" (an annotation, ignored by the validator) says in words what a field must be; the error for a
+# field names the field and quotes that text, e.g. "input.size must be [height, width] of whole numbers ≥ 1".
+_FILE_NAME = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\]+$",
+              "x-message": "a file name inside the bundle folder (no folders)"}
+_LEVEL_THRESHOLD = {
+    "type": "object", "required": ["threshold"],
+    "properties": {"threshold": {"type": "number", "x-message": "a finite number"}},
+    "x-message": 'an object with a finite numeric "threshold"',
+}
+_BATCH_SIZES = {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "integer", "minimum": 1},
+                "x-message": "[min, opt, max] batch sizes, whole numbers ≥ 1"}
+BUNDLE_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "x-message": "a JSON object",
+    "required": ["format_version", "model", "model_file", "input", "outputs", "files"],
+    "properties": {
+        "format_version": {"type": "integer", "minimum": 1, "x-message": "a whole number ≥ 1"},
+        "model": {"type": "string", "minLength": 1, "x-message": "the model kind's name"},
+        "model_file": _FILE_NAME,
+        "input": {
+            "type": "object", "required": ["name", "size"],
+            "x-message": "an object with the graph input's name and size",
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "x-message": "the graph input's name"},
+                "size": {"type": "array", "minItems": 2, "maxItems": 2,
+                         "items": {"type": "integer", "minimum": 1, "maximum": MAX_INPUT_SIDE},
+                         "x-message": f"[height, width] of whole numbers ≥ 1 (at most {MAX_INPUT_SIDE})"},
+            },
+        },
+        "outputs": {"const": OUTPUT_NAMES,
+                    "x-message": f"{json.dumps(OUTPUT_NAMES)} (the output names of the exported graph)"},
+        "files": {
+            "type": "object", "minProperties": 1,
+            "x-message": "an object of the model files' sha256 and size",
+            "propertyNames": {"pattern": r"^(?!\.\.?$)[^/\\]+$"},
+            "additionalProperties": {
+                "type": "object", "required": ["sha256", "bytes"],
+                "x-message": 'an object with "sha256" (64 hex digits) and "bytes"',
+                "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                          "x-message": "64 lower-case hex digits"},
+                               "bytes": {"type": "integer", "minimum": 0, "x-message": "a whole number ≥ 0"}},
+            },
+        },
+        "training": {
+            "type": "object", "x-message": "an object",
+            "properties": {"validation": {"type": "array", "items": {"type": "string"},
+                                          "x-message": "a list of image paths"}},
+        },
+        "thresholds": {
+            "type": ["object", "null"], "required": ["image", "pixel"],
+            "x-message": "null (not calibrated) or an object with image and pixel thresholds (see inspect-calibrate)",
+            "properties": {"image": _LEVEL_THRESHOLD, "pixel": _LEVEL_THRESHOLD},
+        },
+        "fp16_model_file": {"anyOf": [{"type": "null"}, _FILE_NAME],
+                            "x-message": "null or a file name inside the bundle folder"},
+        "engine": {
+            "type": ["object", "null"], "required": ["file", "batch_sizes"],
+            "x-message": "null or an object with the engine's file and batch_sizes",
+            "properties": {"file": _FILE_NAME, "batch_sizes": _BATCH_SIZES},
+        },
+        "batch_profile": _BATCH_SIZES,
+        "tensorrt_check": {
+            "type": ["object", "null"], "x-message": "null or the TensorRT check's record",
+            "properties": {"ok": {"type": "boolean", "x-message": "true or false"},
+                           "max_batch": {"type": "integer", "minimum": 1, "x-message": "a whole number ≥ 1"},
+                           "problems": {"type": "array", "items": {"type": "string"}, "x-message": "a list of strings"}},
+        },
+        "precision": {
+            "type": "object", "x-message": "an object",
+            "properties": {"fp32_nodes": {"type": "array", "items": {"type": "string"},
+                                          "x-message": "a list of node names"}},
+        },
+    },
+}
+# "integer" means a JSON whole number written without a fraction: 64, not 64.0 (the standard's checker takes both)
+_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool))
+_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_TYPES)(BUNDLE_SCHEMA)
 
 
 @dataclass
@@ -30,31 +118,161 @@ class Bundle:
         return self.record.get("thresholds")
 
     def save(self) -> None:
-        atomic_write_json(self.path / BUNDLE_RECORD, self.record)
+        """Write bundle.json atomically; a record that load_bundle would refuse is never written."""
+        path = self.path / BUNDLE_RECORD
+        _check_finite(self.record, path)
+        text = json.dumps(self.record, indent=2, allow_nan=False) + "\n"
+        validate_record(json.loads(text), path)  # as load_bundle will read it (tuples as lists, numpy as numbers)
+        atomic_write_bytes(path, text.encode())
 
 
 def file_digests(folder: Path, names: list[str]) -> dict:
     return {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size} for name in names}
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a number")
+    return value
+
+
+def parse_record(text: str, record_path: Path) -> dict:
+    """bundle.json's text → its record; NaN, Infinity and numbers out of range are refused."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except ValueError as error:  # JSONDecodeError, and the refusals above
+        raise InspectError(f"{record_path}: not valid JSON ({error})") from None
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, allow_nan=True)
+    if isinstance(value, list) and len(text) > 60:
+        return f"a list of {len(value)}"
+    if isinstance(value, dict) and len(text) > 60:
+        return "an object" if value else "{}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field(path) -> str:
+    """A field's path as written in JavaScript: input.size, files["model.onnx"].sha256, input.size[0]."""
+    text = ""
+    for step in path:
+        if isinstance(step, int):
+            text += f"[{step}]"
+        elif step.isidentifier():
+            text += f".{step}" if text else step
+        else:
+            text += f"[{json.dumps(step)}]"
+    return text
+
+
+def _explained(error: jsonschema.ValidationError) -> tuple[list, str | None]:
+    """The deepest field on the error's way whose schema has an "x-message": (its path, the message)."""
+    schema, at, found = BUNDLE_SCHEMA, 0, ([], BUNDLE_SCHEMA.get("x-message"))
+    steps = list(error.absolute_path)
+    keys = list(error.absolute_schema_path)
+    index = 0
+    while index < len(keys):
+        key = keys[index]
+        if key in ("properties", "patternProperties", "anyOf", "oneOf", "allOf") and index + 1 == len(keys):
+            break
+        if key in ("properties", "patternProperties"):
+            schema, index, at = schema[key][keys[index + 1]], index + 2, at + 1
+        elif key in ("items", "additionalProperties"):
+            schema, index, at = schema[key], index + 1, at + 1
+        elif key in ("anyOf", "oneOf", "allOf"):
+            schema, index = schema[key][keys[index + 1]], index + 2
+        else:
+            break
+        if isinstance(schema, dict) and "x-message" in schema:
+            found = (steps[:at], schema["x-message"])
+    return found
+
+
+def _non_finite(value, path=()) -> tuple | None:
+    """The path of the first NaN or infinite number in a record (JSON has no such numbers), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _non_finite(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_finite(record, record_path: Path) -> None:
+    bad = _non_finite(record)
+    if bad is not None:
+        value = record
+        for step in bad:
+            value = value[step]
+        raise InspectError(f"{record_path}: {_field(bad)} must be a finite number, got {value}")
+
+
+def validate_record(record, record_path: Path) -> None:
+    """One-line InspectError naming bundle.json, the field and what it must be, for the first problem found."""
+    _check_finite(record, record_path)
+    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(record))
+    if error is None:
+        _check_files_listed(record, record_path)
+        return
+    if error.validator == "required":
+        missing = next(name for name in error.validator_value if name not in error.instance)
+        path = [*error.absolute_path, missing]
+        node = BUNDLE_SCHEMA
+        for step in path:
+            node = node.get("properties", {}).get(step, {}) if isinstance(node, dict) else {}
+        wanted = node.get("x-message") if isinstance(node, dict) else None
+        raise InspectError(f"{record_path}: {_field(path)} is missing" + (f" (it must be {wanted})" if wanted else ""))
+    if "propertyNames" in error.absolute_schema_path:
+        raise InspectError(f"{record_path}: {_field(error.absolute_path)} lists {json.dumps(error.instance)}, "
+                           "which is not a file name inside the bundle folder")
+    path, message = _explained(error)
+    value = record
+    for step in path:
+        value = value[step]
+    if not path:
+        kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
+                type(None): "null"}.get(type(record), type(record).__name__)
+        raise InspectError(f"{record_path}: must be {message}, got {kind}")
+    if message is None:
+        raise InspectError(f"{record_path}: {_field(error.absolute_path)}: {error.message}")
+    raise InspectError(f"{record_path}: {_field(path)} must be {message}, got {_shown(value)}")
+
+
+def _check_files_listed(record: dict, record_path: Path) -> None:
+    """The ONNX models the record names are listed in "files", so that load_bundle verifies them."""
+    for field, name in (("model_file", record["model_file"]), ("fp16_model_file", record.get("fp16_model_file"))):
+        if name and name not in record["files"]:
+            raise InspectError(f"{record_path}: {field} {name!r} is not listed in files (its sha256 and size); "
+                               "re-export the bundle")
+
+
 def load_bundle(path: Path, verify: bool = True) -> Bundle:
-    """Read bundle.json and check every model file against its sha256; any mismatch is a one-line error."""
+    """Read bundle.json, validate it against BUNDLE_SCHEMA and check every model file against its sha256; any
+    problem is a one-line error naming bundle.json and the field, or the file."""
     path = Path(path)
     record_path = path / BUNDLE_RECORD
     if not record_path.is_file():
         raise InspectError(f"{path}: not a bundle (no {BUNDLE_RECORD}; see inspect-export)")
     try:
-        record = json.loads(record_path.read_text())
+        text = record_path.read_text(encoding="utf-8")
     except (OSError, ValueError) as error:
         raise InspectError(f"{record_path}: unreadable ({error})") from None
-    version = record.get("format_version")
-    if not isinstance(version, int):
-        raise InspectError(f"{record_path}: no format_version")
-    if version > BUNDLE_FORMAT_VERSION:
+    record = parse_record(text, record_path)
+    version = record.get("format_version") if isinstance(record, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_FORMAT_VERSION:
         raise InspectError(f"{record_path}: bundle format {version} is newer than this runtime reads "
                            f"({BUNDLE_FORMAT_VERSION}); update edge-inspect on this machine")
+    validate_record(record, record_path)
     if verify:
-        for name, expected in record.get("files", {}).items():
+        for name, expected in record["files"].items():
             file = path / name
             if not file.is_file():
                 raise InspectError(f"{file}: missing from the bundle; copy the whole bundle folder again")

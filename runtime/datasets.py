@@ -33,6 +33,15 @@ class Dataset:
     def has_masks(self) -> bool:
         return any(sample.mask is not None for sample in self.test)
 
+    def check_masks(self) -> None:
+        """Every defective test image of a data set with masks has its mask file: one missing would be scored as
+        all-good pixels. One-line InspectError naming the first missing mask."""
+        missing = [s for s in self.test if s.mask is not None and not s.mask.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise InspectError(f"{missing[0].mask}: mask missing for the defective test image {missing[0].path}"
+                               f"{more}; add it, or move the image out of test/")
+
 
 def split_fit_validation(paths: list[Path], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Path], list[Path]]:
     """Deterministic, seeded split of good images into the fit set and held-out validation images."""
@@ -43,6 +52,9 @@ def split_fit_validation(paths: list[Path], val_fraction: float = 0.2, seed: int
     order = sorted(paths)
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(order) * val_fraction))
+    if n_val >= len(order):
+        raise InspectError(f"--val-fraction {val_fraction:g} holds out all {len(order)} good images: none are left "
+                           "to fit on; give a smaller fraction")
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
@@ -57,16 +69,18 @@ def open_dataset(spec: str) -> Dataset:
 
 
 def _mvtec(root: Path) -> Dataset:
+    """With a ground_truth/ folder every defective test image has a mask, ground_truth/<type>/NNN_mask.png (a
+    missing one is an error where masks are used: Dataset.check_masks); without one the data set has image
+    labels only."""
     good = list_images(root / "train" / GOOD)
     test = []
-    test_root = root / "test"
+    test_root, masks = root / "test", root / "ground_truth"
+    has_masks = masks.is_dir()
     if test_root.is_dir():
         for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
             for path in list_images(type_dir):
-                mask = root / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
-                if type_dir.name != GOOD and not mask.is_file():
-                    mask = None
-                test.append(TestSample(path, type_dir.name, mask if type_dir.name != GOOD else None))
+                mask = masks / type_dir.name / f"{path.stem}_mask.png"
+                test.append(TestSample(path, type_dir.name, mask if type_dir.name != GOOD and has_masks else None))
     return Dataset(root.name, good, test)
 
 

@@ -5,6 +5,7 @@ exported graph, so the per-frame CPU work on the edge box is a colour conversion
 """
 
 import functools
+import warnings
 from pathlib import Path
 
 import cv2
@@ -27,12 +28,55 @@ def to_rgb(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
 
+MAX_IMAGE_PIXELS = 1 << 27  # 134 million pixels (11585 × 11585): larger files are refused before decoding
+MAX_IMAGE_SIDE = 1 << 16  # pixels per side
+PIXEL_TYPES = (np.uint8, np.uint16)
+CHANNELS = (1, 3, 4)
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header without decoding it (Pillow reads headers lazily), or None where
+    Pillow does not know the format (OpenCV may still decode it, within its own size limit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except Image.DecompressionBombError:  # over twice Pillow's limit, which is above ours
+            raise InspectError(f"{path}: image is too large (over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} "
+                               f"million pixels; at most {MAX_IMAGE_PIXELS / 1e6:.0f} million, {MAX_IMAGE_SIDE} "
+                               "per side)") from None
+        except Exception:  # not a format Pillow reads, or a broken header: OpenCV decides below
+            return None
+
+
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); raises InspectError naming the file when it is not a readable image."""
-    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
-    frame = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
-    if frame is None:
+    """RGB uint8 (H, W, 3); raises InspectError naming the file when it is not a readable image: not a file,
+    undecodable, larger than MAX_IMAGE_PIXELS or MAX_IMAGE_SIDE (checked from the header, before anything is
+    allocated), or of a pixel type other than 8- or 16-bit with 1, 3 or 4 channels."""
+    path = Path(path)
+    if not path.is_file():
+        raise InspectError(f"{path}: not a readable image (no such file)")
+    size = _header_size(path)
+    if size is not None:
+        width, height = size
+        if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+            raise InspectError(f"{path}: image of {width}×{height} pixels is too large (at most "
+                               f"{MAX_IMAGE_PIXELS / 1e6:.0f} million pixels, {MAX_IMAGE_SIDE} per side)")
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+        frame = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except (OSError, MemoryError, cv2.error) as error:
+        reason = str(error).strip().splitlines()[-1][:120] if str(error).strip() else type(error).__name__
+        raise InspectError(f"{path}: not a readable image ({reason})") from None
+    if frame is None or frame.size == 0:
         raise InspectError(f"{path}: not a readable image")
+    channels = 1 if frame.ndim == 2 else frame.shape[2] if frame.ndim == 3 else 0
+    if frame.dtype not in PIXEL_TYPES or channels not in CHANNELS:
+        raise InspectError(f"{path}: unsupported pixel type ({frame.dtype}, {channels} channel(s)); edge-inspect "
+                           "reads 8- or 16-bit images with 1, 3 or 4 channels")
+    if frame.ndim == 3 and channels == 1:
+        frame = frame[:, :, 0]
     return to_rgb(frame)
 
 

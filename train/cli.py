@@ -1,12 +1,14 @@
 """inspect-train: learn what good parts look like from good images only, one sub-command per model kind."""
 
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from edgeinspect.runtime.bundle import MAX_INPUT_SIDE
 from edgeinspect.runtime.console import InspectError, console, one_line_errors
-from edgeinspect.runtime.datasets import open_dataset
+from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -26,25 +28,44 @@ Patience = Annotated[int, typer.Option("--patience", help="Stop after this many 
                                                           "validation loss.")]
 Device = Annotated[str, typer.Option("--device", help="Where to train: auto (the CUDA GPU when PyTorch sees one, "
                                                       "else the CPU), cpu or cuda.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out (run.json, model.pt) "
+                                                             "and remove its bundle/; without it such an --out is "
+                                                             "refused.")]
+MIN_IMAGE_SIDE = 32
 
 
 def parse_size(text: str) -> tuple[int, int]:
+    """--image-size N or HxW, each side from 32 to 4096 pixels (the memory of training grows with the square)."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
         parts = []
-    if len(parts) not in (1, 2) or min(parts) < 32:
-        raise InspectError(f"--image-size {text!r}: give N or HxW, at least 32 pixels")
+    if len(parts) not in (1, 2) or not all(MIN_IMAGE_SIDE <= p <= MAX_INPUT_SIDE for p in parts):
+        raise InspectError(f"--image-size {text!r}: give N or HxW, each side from {MIN_IMAGE_SIDE} to "
+                           f"{MAX_INPUT_SIDE} pixels")
     return (parts[0], parts[-1])
 
 
-def train_and_report(kind: str, config, data: str, out: Path, val_fraction: float, weights: Path | None,
-                     device: str) -> None:
-    from edgeinspect.train.devices import resolve_device
-    from edgeinspect.train.run import train_model
+def check_fraction(value: float, option: str) -> float:
+    """A fraction strictly between 0 and 1 (NaN and infinities refused)."""
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise InspectError(f"{option} must be between 0 and 1 (exclusive), got {value:g}")
+    return value
 
+
+def train_and_report(kind: str, config, data: str, out: Path, val_fraction: float, weights: Path | None,
+                     device: str, overwrite: bool = False) -> None:
+    from edgeinspect.train.devices import resolve_device
+    from edgeinspect.train.run import prepare_run_folder, train_model
+
+    check_fraction(val_fraction, "--val-fraction")
+    if weights is not None and not weights.is_file():
+        raise InspectError(f"--weights {weights}: no such file")
     torch_device = resolve_device(device)  # a wrong --device fails before any image is read
-    record = train_model(kind, config, open_dataset(data), out, val_fraction, weights, torch_device)
+    dataset = open_dataset(data)
+    split_fit_validation(dataset.good, val_fraction, config.seed)  # too few images: before --out is touched
+    out = prepare_run_folder(out, overwrite)
+    record = train_model(kind, config, dataset, out, val_fraction, weights, torch_device)
     fitted = f"{record['data']['n_fit']} images ({record['data']['n_validation']} held out)"
     training = record.get("training")
     if training:
@@ -66,26 +87,27 @@ def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0"
               normalization: Annotated[str, typer.Option(
                   "--normalization", help="Input normalisation: imagenet (ImageNet statistics, whatever the backbone; "
                                           "better anomaly maps) or backbone (what its weights were trained with).")
-              ] = "imagenet", device: Device = "auto"):
+              ] = "imagenet", device: Device = "auto", overwrite: Overwrite = False):
     """PatchCore: a memory bank of pretrained patch features; anomaly = distance to the nearest good patch."""
     from edgeinspect.train.patchcore import PatchCoreConfig
 
     config = PatchCoreConfig(backbone=backbone, image_size=parse_size(image_size), coreset_ratio=coreset_ratio,
                              seed=seed, normalization=normalization)
-    train_and_report("patchcore", config, data, out, val_fraction, weights, device)
+    train_and_report("patchcore", config, data, out, val_fraction, weights, device, overwrite)
 
 
 @app.command()
 @one_line_errors
 def stpm(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
          image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0, epochs: Epochs = 100,
-         batch_size: BatchSize = 32, lr: LearningRate = 0.4, patience: Patience = 10, device: Device = "auto"):
+         batch_size: BatchSize = 32, lr: LearningRate = 0.4, patience: Patience = 10, device: Device = "auto",
+         overwrite: Overwrite = False):
     """STPM: a student network learns the pretrained teacher's features on good parts; anomaly = where they differ."""
     from edgeinspect.train.stpm import STPMConfig
 
     config = STPMConfig(backbone=backbone, image_size=parse_size(image_size), seed=seed, epochs=epochs,
                         batch_size=batch_size, learning_rate=lr, patience=patience)
-    train_and_report("stpm", config, data, out, val_fraction, weights, device)
+    train_and_report("stpm", config, data, out, val_fraction, weights, device, overwrite)
 
 
 @app.command()
@@ -97,27 +119,29 @@ def dfr(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weig
                                                                      "PCA keeping --variance-kept).")] = None,
         variance_kept: Annotated[float, typer.Option("--variance-kept", help="Feature variance the PCA choice of "
                                                                              "the bottleneck keeps.")] = 0.9,
-        device: Device = "auto"):
+        device: Device = "auto", overwrite: Overwrite = False):
     """DFR: an autoencoder of 1×1 convolutions reconstructs regional features; anomaly = reconstruction error."""
     from edgeinspect.train.dfr import DFRConfig
 
+    if latent_dim is not None and latent_dim < 1:
+        raise InspectError(f"--latent-dim must be at least 1, got {latent_dim}")
     config = DFRConfig(backbone=backbone, image_size=parse_size(image_size), seed=seed, epochs=epochs,
                        batch_size=batch_size, learning_rate=lr, patience=patience, latent_dim=latent_dim,
                        variance_kept=variance_kept)
-    train_and_report("dfr", config, data, out, val_fraction, weights, device)
+    train_and_report("dfr", config, data, out, val_fraction, weights, device, overwrite)
 
 
 @app.command()
 @one_line_errors
 def autoencoder(data: Data, out: Out, image_size: ImageSize = "256", val_fraction: ValFraction = 0.2,
                 seed: Seed = 0, epochs: Epochs = 100, batch_size: BatchSize = 16, lr: LearningRate = 1e-3,
-                patience: Patience = 10, device: Device = "auto"):
+                patience: Patience = 10, device: Device = "auto", overwrite: Overwrite = False):
     """Naive baseline: a convolutional autoencoder on pixels; anomaly = pixel reconstruction error."""
     from edgeinspect.train.autoencoder import AutoencoderConfig
 
     config = AutoencoderConfig(image_size=parse_size(image_size), seed=seed, epochs=epochs, batch_size=batch_size,
                                learning_rate=lr, patience=patience)
-    train_and_report("autoencoder", config, data, out, val_fraction, None, device)
+    train_and_report("autoencoder", config, data, out, val_fraction, None, device, overwrite)
 
 
 @app.callback()

@@ -1,6 +1,7 @@
 """Model configurations: frozen dataclasses that round-trip through run.json and bundle.json."""
 
 import dataclasses
+import math
 import typing
 
 from edgeinspect.runtime.console import InspectError
@@ -41,5 +42,6 @@ class GradientConfig(ModelConfig):
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise InspectError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise InspectError(f"--lr must be positive, got {self.learning_rate}")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise InspectError(f"--lr must be a finite number above 0, got {self.learning_rate}")

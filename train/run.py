@@ -4,6 +4,7 @@ were held out for calibration)."""
 
 import io
 import json
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from edgeinspect.runtime.console import InspectError, progress_bar
 from edgeinspect.runtime.datasets import Dataset, split_fit_validation
-from edgeinspect.runtime.files import atomic_write_bytes, atomic_write_json
+from edgeinspect.runtime.files import atomic_write_bytes, atomic_write_json, remove_stale_staging, writable_dir
 from edgeinspect.runtime.images import load_resized
 
 from .backbones import Normalization
@@ -24,6 +25,30 @@ from .registry import model_kind
 RUN_FORMAT_VERSION = 1
 RUN_RECORD = "run.json"
 RUN_WEIGHTS = "model.pt"
+RUN_BUNDLE = "bundle"  # where inspect-export writes the run's bundle by default
+
+
+def prepare_run_folder(out: Path, overwrite: bool = False) -> Path:
+    """Make --out a writable folder for a new run. One that already holds a run (run.json, model.pt or its
+    bundle/) is refused unless `overwrite`; then the old run and its bundle are removed first, so that a
+    stale bundle never sits beside a new model."""
+    out = writable_dir(out, "--out")
+    held = [name for name in (RUN_RECORD, RUN_WEIGHTS, RUN_BUNDLE) if (out / name).exists()]
+    if held and not overwrite:
+        raise InspectError(f"--out {out}: already holds a training run ({', '.join(held)}); give --overwrite to "
+                           f"replace it (its {RUN_BUNDLE}/ is removed too), or another --out")
+    if held:
+        remove_stale_staging(out / RUN_BUNDLE)
+        try:
+            if (out / RUN_BUNDLE).is_dir() and not (out / RUN_BUNDLE).is_symlink():
+                shutil.rmtree(out / RUN_BUNDLE)
+            else:
+                (out / RUN_BUNDLE).unlink(missing_ok=True)
+            for name in (RUN_RECORD, RUN_WEIGHTS):
+                (out / name).unlink(missing_ok=True)
+        except OSError as error:
+            raise InspectError(f"--out {out}: cannot remove the old run ({error.strerror or error})") from None
+    return out
 
 
 def train_model(kind: str, config: ModelConfig, dataset: Dataset, out: Path, val_fraction: float = 0.2,
