@@ -64,8 +64,9 @@ def folder_bytes(folder: Path) -> int:
 def logged_sequence(out: Path) -> list[int]:
     """seq of every JSON line, rotated logs (plain or gzipped, oldest first) then the current one."""
     paths = sorted(out.glob("inspections-*.jsonl*")) + [out / "inspections.jsonl"]
-    return [json.loads(line)["seq"] for path in paths
-            for line in (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")).read().splitlines()]
+    records = [json.loads(line) for path in paths
+               for line in (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")).read().splitlines()]
+    return [record["seq"] for record in records if "alarm" not in record]  # alarm lines carry no seq
 
 
 def main():

@@ -5,7 +5,10 @@ frame time spent outside inference."""
 
 import functools
 import json
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,6 +22,7 @@ from rich.table import Table
 from .backends import BACKENDS, BackendUnavailable, open_backend
 from .bundle import load_bundle
 from .console import InspectError, console, one_line_errors
+from .files import writable_file_parent
 from .frame_loop import Grabber, LatencyStats
 from .inspector import Inspector
 from .out_folder import new_run_id
@@ -28,6 +32,7 @@ from .sinks import Sinks
 from .sources import open_source
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+MAX_BATCH = 1024  # --batch: synthetic frames are allocated at once
 
 
 def call_times_ms(call, runs: int, warmup: int) -> list[float]:
@@ -73,18 +78,60 @@ def synthetic_video(path: Path, frames: int, size: tuple[int, int]) -> Path:
     return path
 
 
-def pipeline(bundle_dir: Path, video: Path, frames: int, backend: str, threads: int | None, out: Path) -> dict:
+# What the live page does, in its own process as a browser is (a thread of ours would take the frame loop's
+# GIL): /stats.json twice a second, the live picture once a second, each new NG frame; counts on SIGINT.
+BROWSER = r"""
+import json, signal, sys, time, urllib.request
+url, counts, frame, seen, fetched = sys.argv[1], {"polls": 0, "images": 0, "errors": 0}, None, set(), 0.0
+signal.signal(signal.SIGINT, lambda *_: (print(json.dumps(counts), flush=True), sys.exit(0)))
+def get(path):
+    with urllib.request.urlopen(url + path.lstrip("/"), timeout=10) as response:
+        return response.read()
+while True:
+    time.sleep(0.5)
+    try:
+        stats = json.loads(get("/stats.json"))
+        counts["polls"] += 1
+        for source in stats["sources"][:1]:
+            if source["frame"] and source["frame"] != frame and time.monotonic() - fetched >= 0.95:
+                frame, fetched = source["frame"], time.monotonic()
+                get(f"/frame/{source['index']}.jpg?v={frame}")
+                counts["images"] += 1
+        for ng in stats["ng_frames"]:
+            if ng["id"] not in seen:
+                seen.add(ng["id"])
+                get(f"/ng/{ng['id']}.jpg")
+                counts["images"] += 1
+    except OSError:
+        counts["errors"] += 1
+"""
+
+
+def pipeline(bundle_dir: Path, video: Path, frames: int, backend: str, threads: int | None, out: Path,
+             view: bool = False) -> dict:
     """inspect-run's loop on `frames` frames of the video played in a loop (mode every, NG overlays saved,
-    the JSON log written), without console output."""
+    the JSON log written), without console output. `view`: with the live page and its health alarms, as
+    `inspect-run --view` has them, and one client polling the page as a browser does."""
     from .cli import FrameLoop
 
-    inspector = Inspector(load_bundle(bundle_dir), backend, threads)
+    bundle = load_bundle(bundle_dir)
+    inspector = Inspector(bundle, backend, threads)
     source = open_source(str(video), loop=True)
     stop = threading.Event()
     grabber = Grabber(source, "every", stop, label=str(video))
     stats = LatencyStats()
     run_id = new_run_id()
     sinks = Sinks([OverlayStore(out, "ng", run_id), JsonLog(out)])
+    if view:
+        from .health import Health, HealthSink
+        from .live_view import LiveView, LiveViewSink, about_run
+
+        health = Health(bundle.thresholds, bundle_dir, out, [grabber], "every")
+        live_view = LiveView("127.0.0.1", 0)
+        sinks.sinks.append(LiveViewSink(live_view, lambda: stats.summary(grabber.dropped, 0), stats, [grabber], health,
+                                        about_run(bundle_dir, bundle, inspector.backend.name, run_id, "every")))
+        sinks.sinks.append(HealthSink(health))  # alarms kept for the page, not said on the console
+        browser = subprocess.Popen([sys.executable, "-c", BROWSER, live_view.url], stdout=subprocess.PIPE, text=True)
     loop = FrameLoop(inspector, sinks, stats, run_id)
     grabber.start()
     while stats.frames < frames and (taken := grabber.take(1)):
@@ -94,6 +141,9 @@ def pipeline(bundle_dir: Path, video: Path, frames: int, backend: str, threads: 
     sinks.close()
     summary = stats.summary(grabber.dropped, 0)
     summary["backend"] = inspector.backend.name
+    if view:
+        browser.send_signal(signal.SIGINT)
+        summary["view"] = json.loads(browser.communicate(timeout=30)[0] or '{"errors": "the client died"}')
     return summary
 
 
@@ -110,11 +160,24 @@ def bench(
     backend: str = typer.Option("auto", "--backend", help="Backend of the whole-pipeline run."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
     out: Path = typer.Option(None, "--out", help="Also write the results as JSON here."),
+    view: bool = typer.Option(False, "--view", help="Serve the live page during the pipeline run, with one client "
+                              "polling it as a browser does (compare with a run without, for the page's cost)."),
 ):
     """Latency and throughput per backend on synthetic frames, and the whole pipeline on a video."""
-    bundle = load_bundle(bundle_dir)
+    for value, option in ((frames, "--frames"), (batch, "--batch"), (runs, "--runs")):
+        if value < 1:
+            raise InspectError(f"{option} must be at least 1, got {value}")
+    if batch > MAX_BATCH:
+        raise InspectError(f"--batch must be at most {MAX_BATCH}, got {batch}")
+    if threads is not None and threads < 1:
+        raise InspectError(f"--threads must be at least 1, got {threads}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise InspectError(f"--backend {backend!r} is not one of auto, {', '.join(BACKENDS)}")
     if video is not None and not video.is_file():
         raise InspectError(f"--video {video}: no such file")
+    if out is not None:
+        out = writable_file_parent(out, "--out")
+    bundle = load_bundle(bundle_dir)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, *bundle.input_size, 3), dtype=np.uint8)
     table = Table("backend", "ms/frame (batch 1)", f"frames/s (batch {batch})", title=f"{bundle_dir} on this machine")
@@ -138,7 +201,7 @@ def bench(
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         clip = video or synthetic_video(work / "line.avi", min(frames, 100), (480, 640))
-        summary = pipeline(bundle_dir, clip, frames, backend, threads, work)
+        summary = pipeline(bundle_dir, clip, frames, backend, threads, work, view)
     alone = results["backends"][summary["backend"]].get("ms_per_frame_batch1")
     if alone:  # the strictest view: what the pipeline adds to inference running alone, contention included
         summary["outside_inference_alone_share_p50"] = round(1 - alone / summary["frame_ms"]["p50"], 3)
@@ -151,6 +214,9 @@ def bench(
         stages.add_row(stage, f"{values['p50']:.2f}", f"{values['p95']:.2f}", f"{values['p99']:.2f}")
     console.print(stages)
     strict = summary.get("outside_inference_alone_share_p50")
+    if view:
+        console.print(f"live page served meanwhile: {summary['view']['polls']} polls of /stats.json, "
+                      f"{summary['view']['images']} images fetched, {summary['view']['errors']} errors")
     console.print(f"{summary['frames']} frames at {summary['fps']:.1f} frames/s; outside inference: "
                   f"{100 * summary['outside_inference_share_p50']:.1f}% of the p50 frame time (the time between "
                   f"verdicts), {100 * summary['wall_share_outside_inference']:.1f}% of the wall time"

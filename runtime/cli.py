@@ -1,6 +1,7 @@
 """inspect-run: inspect every frame of a camera, video, stream or image folder with a calibrated bundle."""
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -14,11 +15,13 @@ import typer
 from rich.markup import escape
 
 from .bundle import load_bundle
+from .collect import CollectSink
 from .console import InspectError, console, one_line_errors, warn
 from .files import atomic_write_json, writable_dir
 from .frame_loop import Frame, Grabber, Grabbers, LatencyStats
+from .health import Health, HealthSink, console_listener, log_listener
 from .inspector import Inspector
-from .live_view import LiveView, LiveViewSink
+from .live_view import LiveView, LiveViewSink, about_run
 from .out_folder import OutLock, new_run_id, parse_bytes, positive_finite
 from .overlays import DiskBudget, OverlayStore
 from .run_log import JsonLog
@@ -78,6 +81,13 @@ def run(
     view_host: str = typer.Option("127.0.0.1", "--view-host", help="Address the live view listens on (0.0.0.0 "
                                   "to reach it from another machine)."),
     view_clients: int = typer.Option(8, "--view-clients", help="Most live-view connections at once; more get 503."),
+    collect_good: Path = typer.Option(None, "--collect-good", help="Save frames as they come from the camera path "
+                                      "(PNG, lossless, before the resize) into this folder, while the line makes good "
+                                      "parts, to recalibrate on: inspect-calibrate BUNDLE --images DIR."),
+    collect: int = typer.Option(50, "--collect", help="How many frames --collect-good saves (then it stops saving; "
+                                "the run goes on)."),
+    collect_every: float = typer.Option(None, "--collect-every", help="Seconds between frames --collect-good saves "
+                                        "(default: 1 for cameras and streams, 0 for files and folders)."),
     log_rotate: str = typer.Option(None, "--log-rotate", help="Start a new inspections.jsonl at this size (e.g. "
                                    "100MB) or daily (UTC); default: at a tenth of --max-disk, else never."),
     log_gzip: bool = typer.Option(False, "--log-gzip", help="Gzip rotated logs."),
@@ -146,19 +156,27 @@ def run(
         budget = DiskBudget(out, max_bytes, keep_days, limited)
         outputs = Sinks([], limited)
         cleanup.callback(outputs.close)
-        outputs.sinks += [OverlayStore(out, save.value, run_id, budget, limited),
-                          JsonLog(out, rotate_bytes, rotate_daily, log_gzip, lambda path: budget.add("log", path),
-                                  limited)]
+        log = JsonLog(out, rotate_bytes, rotate_daily, log_gzip, lambda path: budget.add("log", path), limited)
+        outputs.sinks += [OverlayStore(out, save.value, run_id, budget, limited), log]
+        health = Health(bundle.thresholds, bundle_dir, out, grabbers.grabbers, mode.value, sources)
+        health.listeners += [console_listener, log_listener(log, run_id)]  # and MQTT's PREFIX/alarms below
         if view is not None:
             live_view = LiveView(view_host, view, view_clients)
             console.print(f"live view on {live_view.url}")
-            outputs.sinks.append(LiveViewSink(live_view, summary))
+            outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
+                                              about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)))
         if mqtt:
             from .mqtt_sink import MqttSink, parse_mqtt_url
 
-            outputs.sinks.append(MqttSink(parse_mqtt_url(mqtt), out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
-                                          mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key))
+            publisher = MqttSink(parse_mqtt_url(mqtt), out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
+                                 mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key)
+            outputs.sinks.append(publisher)
+            health.listeners.append(lambda event: publisher.publish("alarms", json.dumps(event)))
         outputs.sinks.append(ConsoleSink(verbose=None if mode == Mode.latest else True))
+        outputs.sinks.append(HealthSink(health))
+        if collect_good is not None:
+            every_s = collect_every if collect_every is not None else (1.0 if mode == Mode.latest else 0.0)
+            outputs.sinks.append(CollectSink(collect_good, collect, every_s, run_id, bundle_dir))
         frame_loop = FrameLoop(inspector, outputs, stats, run_id)
         count = max(batch, len(opened)) if mode == Mode.every else len(opened)
         try:
@@ -179,6 +197,7 @@ def run(
             outputs.close()
             outputs.sinks = []
             result = {**summary(), "sink_failures": outputs.failures, "deleted_files": budget.deleted}
+            result["alarms"] = health.alarms()
             write_summary(out / "summary.json", result)
     if grabbers.error is not None and not isinstance(grabbers.error, KeyboardInterrupt):
         raise grabbers.error

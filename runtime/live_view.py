@@ -1,40 +1,360 @@
-"""--view: the annotated stream and the running statistics over HTTP, for a headless box on the line.
+"""--view: the operator's page for the line, served by the box itself (one inline page: no build step, nothing
+fetched from the internet), and the annotated stream and statistics for tools.
 
-    /             a small page: the latest annotated frame (refreshed) and the statistics
+    /             the page: per source the current verdict (OK green, NG red, grey without calibration), the score
+                  against the threshold as a bar, counters since start and for the last hour (inspected, NG,
+                  yield, frames/s, dropped, reconnects), the score trend of the last 5 minutes with the threshold,
+                  the latest annotated frame; the health alarms; the last NG frames (click: the whole overlay and
+                  its regions); bundle and backend. It polls /stats.json twice a second, fetches the live
+                  picture once a second, and any other image only when its id changed.
+    /stats.json   what the page shows (LiveViewSink.snapshot; computed at most 4 times a second whatever the
+                  number of viewers)
+    /frame.jpg    the latest annotated frame of any source; /frame/N.jpg the latest of source N (0, 1, ...)
+    /ng/ID.jpg    one of the last NG frames, annotated (an id never changes its image: cacheable)
     /stream.mjpg  the annotated frames as an MJPEG stream (VLC, ffplay, browsers)
-    /frame.jpg    the latest annotated frame
-    /stats.json   frames, NG, dropped, fps, latency percentiles
+
+The frame loop only hands over references (at most 10 frames a second of all sources together; NG frames in
+bursts of 4, else 2 a second) and keeps per-second score buckets; overlays are drawn and JPEG-encoded when a viewer asks, once per
+frame however many ask, on the server's threads. A page nobody watches costs the frame loop next to nothing.
 """
 
 import json
+import math
 import threading
 import time
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import cv2
+import numpy as np
 
 from .console import InspectError
-from .sinks import Inspected, Sink
+from .regions import heat_overlay
+from .run_log import json_line
+from .sinks import Inspected, RateLimitedWarning, Sink
 
-PAGE = b"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>edge-inspect live</title>
-<style>body{font-family:sans-serif;margin:1em;background:#111;color:#eee}img{max-width:100%;border:1px solid #444}
-#verdict{font-size:2em;font-weight:bold}</style></head><body><h1>edge-inspect live view</h1>
-<div id="verdict">waiting for frames</div><img id="frame" alt="latest annotated frame"><pre id="stats"></pre>
+PAGE = r"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="icon" href="data:,">
+<title>edge-inspect · line</title>
+<style>
+:root{--ok:#1b8a3a;--ng:#c62828;--grey:#5f6368;--amber:#b26a00;--bg:#101214;--panel:#1b1e22;--line:#2c3036;--fg:#eceff1;--dim:#9aa0a6}
+*{box-sizing:border-box}body{margin:0;font:15px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:var(--bg);color:var(--fg)}
+header{display:flex;flex-wrap:wrap;gap:.4em 1.4em;align-items:baseline;padding:.55em 1em;background:#000;border-bottom:1px solid var(--line)}
+header .brand{font-weight:700;font-size:1.15em}header .item{color:var(--dim)}header .item b{color:var(--fg);font-weight:600}
+#conn{margin-left:auto;font-weight:600}#conn.conn-lost{color:#ff8a80}#conn.conn-live{color:#8bd59b}
+.banner{margin:.6em 1em 0;padding:.7em 1em;border-radius:6px;font-size:1.05em}
+.banner.grey{background:#2f3338;border-left:8px solid var(--grey)}
+.alarm{background:#4a1010;border-left:8px solid #ff5252}.alarm b{display:block;font-size:1.1em;margin-bottom:.2em}
+.alarm code,.banner code{background:#0006;padding:0 .3em;border-radius:3px;word-break:break-all}
+#cleared{margin:.4em 1em 0;color:var(--dim);font-size:.9em}
+#tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(430px,1fr));gap:12px;padding:12px 1em}
+.tile{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:.7em;min-width:0}
+.tile h2{margin:0 0 .45em;font-size:1em;font-weight:600;color:var(--dim);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.verdict{display:flex;align-items:baseline;gap:.5em;padding:.1em .45em;border-radius:6px;color:#fff}
+.verdict .word{font-size:4.2em;font-weight:800;letter-spacing:.04em;line-height:1.05}.verdict .sub{font-size:1.05em;opacity:.9}
+.verdict.ok{background:var(--ok)}.verdict.ng{background:var(--ng)}.verdict.grey{background:var(--grey)}.verdict.stale{opacity:.45}
+.bar{position:relative;height:20px;margin:.6em 0 .2em;background:#2c3036;border-radius:4px;overflow:hidden}
+.bar .fill{position:absolute;left:0;top:0;bottom:0;width:0;background:var(--ok)}.bar .fill.over{background:var(--ng)}.bar .fill.grey{background:#8d949b}
+.bar .mark{position:absolute;top:0;bottom:0;width:3px;margin-left:-1px;background:#fff}
+.score{color:var(--dim);font-size:.95em}.score b{color:var(--fg)}
+.body{display:flex;gap:.8em;margin-top:.6em;align-items:flex-start}
+.live{width:46%;max-width:420px;aspect-ratio:1;object-fit:contain;background:#000;border:1px solid var(--line);border-radius:4px}
+table.counters{border-collapse:collapse;flex:1;font-variant-numeric:tabular-nums}
+.counters th,.counters td{padding:.18em .5em;text-align:right;border-bottom:1px solid var(--line)}
+.counters th:first-child{text-align:left;color:var(--dim);font-weight:500}.counters thead th{color:var(--dim);font-weight:500;font-size:.9em}
+.counters td{font-size:1.1em}.counters td.bad{color:#ff8a80}
+.trend{display:block;width:100%;height:96px;margin-top:.6em;background:#14171a;border:1px solid var(--line);border-radius:4px}
+.axis{display:flex;justify-content:space-between;color:var(--dim);font-size:.8em}
+#totals{margin:0 1em;padding:.6em .7em;background:var(--panel);border:1px solid var(--line);border-radius:8px}
+#totals h2,#ng h2{margin:0 0 .4em;font-size:1em;color:var(--dim);font-weight:600}
+#ng{margin:0 1em 1em;padding:.6em .7em;background:var(--panel);border:1px solid var(--line);border-radius:8px}
+#ng-strip{display:flex;gap:8px;overflow-x:auto}#ng-strip .empty{color:var(--dim);margin:.3em 0}
+.thumb{margin:0;cursor:pointer;background:#000;border:2px solid var(--ng);border-radius:4px;width:132px;flex:none}
+.thumb img{display:block;width:128px;height:128px;object-fit:contain}
+.thumb figcaption{font-size:.75em;padding:.15em .3em;color:var(--dim);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+footer{color:var(--dim);font-size:.8em;padding:0 1em 1em}
+dialog{background:var(--panel);color:var(--fg);border:1px solid var(--line);border-radius:8px;max-width:95vw;max-height:95vh;padding:.8em}
+dialog::backdrop{background:#000b}dialog img{display:block;height:min(75vh,90vw);max-width:90vw;object-fit:contain;margin:.4em 0;background:#000}
+dialog button{float:right;font-size:1em;padding:.2em .8em}
+</style></head>
+<body data-frames="0">
+<header><span class="brand">edge-inspect</span><span class="item">bundle <b id="bundle">…</b></span>
+<span class="item">backend <b id="backend">…</b></span><span class="item">run <b id="run">…</b></span>
+<span id="conn">connecting…</span></header>
+<div id="uncal" class="banner grey" hidden><b>Not calibrated:</b> scores only, no OK/NG. Calibrate on good
+frames from this camera: <code id="uncal-cmd"></code></div>
+<section id="alarms"></section><div id="cleared"></div>
+<main id="tiles"></main>
+<section id="totals" hidden><h2>All sources</h2><table class="counters" data-source="*"></table></section>
+<section id="ng"><h2>Last NG frames <span id="ng-note"></span></h2><div id="ng-strip"><p class="empty">none yet</p></div></section>
+<footer id="footer"></footer>
+<dialog id="viewer"><form method="dialog"><button>close</button></form><div id="viewer-title"></div>
+<img id="viewer-img" alt="NG frame with its anomaly heat map and regions"><div id="viewer-info"></div></dialog>
+<template id="tile-template"><article class="tile"><h2 class="src"></h2>
+<div class="verdict grey"><span class="word">…</span><span class="sub">waiting for frames</span></div>
+<div class="bar"><div class="fill"></div><div class="mark" hidden></div></div><div class="score"></div>
+<div class="body"><img class="live" alt="latest annotated frame"><table class="counters"></table></div>
+<svg class="trend" viewBox="0 0 300 100" preserveAspectRatio="none" aria-label="score trend, last 5 minutes">
+<path class="band" fill="#4f86c655" stroke="none"/><path class="maxline" fill="none" stroke="#8ab4f8" stroke-width="1.5" vector-effect="non-scaling-stroke"/>
+<path class="okdots" fill="none" stroke="#8ab4f8" stroke-width="5" stroke-linecap="round" vector-effect="non-scaling-stroke"/>
+<path class="ngdots" fill="none" stroke="#ff5252" stroke-width="6" stroke-linecap="round" vector-effect="non-scaling-stroke"/>
+<line class="thr" x1="0" x2="300" stroke="#ffffff" stroke-dasharray="5 4" stroke-width="1.2" vector-effect="non-scaling-stroke"/></svg>
+<div class="axis"><span>5 min ago</span><span class="axis-thr"></span><span>now</span></div></article></template>
 <script>
-const frame = document.getElementById('frame');
-frame.onload = () => { document.body.dataset.frameWidth = frame.naturalWidth; };
-async function refresh() {
-  try {
-    const stats = await (await fetch('/stats.json', {cache: 'no-store'})).json();
-    document.getElementById('stats').textContent = JSON.stringify(stats, null, 1);
-    document.getElementById('verdict').textContent = stats.last ? stats.last.verdict + ' ' + stats.last.score : '';
-    document.body.dataset.frames = stats.frames;
-    if (stats.frames) frame.src = '/frame.jpg?' + stats.frames;
-  } catch (error) { document.getElementById('verdict').textContent = 'connection lost'; }
-  setTimeout(refresh, 500);
+"use strict";
+const COUNTERS = [["frames", "inspected"], ["ng", "NG"], ["yield", "yield"], ["fps", "frames/s"], ["dropped", "dropped"], ["reconnects", "reconnects"]];
+const PERIODS = [["since_start", "since start"], ["last_hour", "last hour"]];
+const FRAME_EVERY_MS = 950;  // the live picture once a second (the verdict and counters twice): each costs the box an encode
+const $ = (id) => document.getElementById(id);
+const tiles = new Map();
+let failures = 0;
+
+function fmt(counter, value) {
+  if (value === null || value === undefined) return "\u2014";
+  if (counter === "yield") return value.toFixed(1) + " %";
+  if (counter === "fps") return value.toFixed(1);
+  return value.toLocaleString("en-US");
 }
-refresh();
+function num(value, digits) { return (value === null || value === undefined) ? "\u2014" : value.toFixed(digits); }
+function short(label) {
+  if (label.includes("://") || label.includes("!")) return label;
+  const parts = label.replace(/\/+$/, "").split("/");
+  return parts[parts.length - 1] || label;
+}
+function clock(iso) { return iso ? new Date(iso).toLocaleTimeString("en-GB") : ""; }
+
+function buildCounters(table) {
+  const head = table.createTHead().insertRow();
+  head.appendChild(document.createElement("th"));
+  for (const [, title] of PERIODS) { const th = document.createElement("th"); th.textContent = title; head.appendChild(th); }
+  const body = table.createTBody();
+  for (const [counter, title] of COUNTERS) {
+    const row = body.insertRow();
+    const th = document.createElement("th"); th.textContent = title; row.appendChild(th);
+    for (const [period] of PERIODS) { const td = row.insertCell(); td.dataset.counter = counter; td.dataset.period = period; }
+  }
+}
+function fillCounters(table, figures) {
+  for (const td of table.querySelectorAll("td")) {
+    const value = (figures[td.dataset.period] || {})[td.dataset.counter];
+    const text = fmt(td.dataset.counter, value);
+    if (td.textContent !== text) td.textContent = text;
+    td.dataset.value = value === null || value === undefined ? "" : String(value);
+    td.classList.toggle("bad", (td.dataset.counter === "ng" || td.dataset.counter === "dropped" || td.dataset.counter === "reconnects") && value > 0);
+  }
+}
+
+function tileFor(source) {
+  let tile = tiles.get(source.index);
+  if (tile) return tile;
+  const node = $("tile-template").content.firstElementChild.cloneNode(true);
+  node.dataset.source = source.label;
+  node.querySelector(".src").textContent = short(source.label);
+  node.querySelector(".src").title = source.label;
+  const table = node.querySelector(".counters");
+  table.dataset.source = source.label;
+  buildCounters(table);
+  const img = node.querySelector(".live");
+  img.addEventListener("load", () => { delete img.dataset.loading; document.body.dataset.frameWidth = img.naturalWidth; });
+  img.addEventListener("error", () => { delete img.dataset.loading; img.dataset.version = ""; });
+  $("tiles").appendChild(node);
+  tile = {node, img, table};
+  tiles.set(source.index, tile);
+  return tile;
+}
+
+function renderTile(stats, source) {
+  const tile = tileFor(source), node = tile.node, last = source.last;
+  const box = node.querySelector(".verdict"), word = node.querySelector(".word"), sub = node.querySelector(".sub");
+  const threshold = stats.threshold;
+  let kind = "grey", text = "\u2026", detail = "waiting for frames";
+  if (last) {
+    const age = stats.now - last.time;
+    if (last.verdict === "OK" || last.verdict === "NG") { kind = last.verdict.toLowerCase(); text = last.verdict; }
+    else { text = "\u2014"; }
+    detail = (stats.calibrated ? "" : "not calibrated \u00b7 ") + (age > 5 ? "last frame " + Math.round(age) + " s ago" : "frame " + last.name);
+    box.classList.toggle("stale", age > 5);
+  }
+  box.className = box.className.replace(/\b(ok|ng|grey)\b/g, "").trim() + " " + kind;
+  word.textContent = text; sub.textContent = detail;
+  const trendMax = Math.max(0, ...source.trend.map((p) => p[2]));
+  const score = last ? last.score : null;
+  const scale = threshold ? 2 * threshold : Math.max(trendMax, score || 0, 1e-9) * 1.25;
+  const fill = node.querySelector(".fill"), mark = node.querySelector(".mark");
+  fill.style.width = (score === null ? 0 : Math.min(100, 100 * score / scale)) + "%";
+  fill.className = "fill" + (!threshold ? " grey" : (score > threshold ? " over" : ""));
+  mark.hidden = !threshold;
+  if (threshold) mark.style.left = (100 * threshold / scale) + "%";
+  const scoreText = node.querySelector(".score");
+  scoreText.replaceChildren("score ", Object.assign(document.createElement("b"), {textContent: num(score, 2)}),
+    threshold ? " \u00b7 threshold " + num(threshold, 2) : " \u00b7 no threshold");
+  fillCounters(tile.table, source);
+  drawTrend(node, source.trend, threshold);
+  const now = Date.now();
+  if (source.frame && tile.img.dataset.version !== String(source.frame) && !tile.img.dataset.loading &&
+      !(now - (tile.fetched || 0) < FRAME_EVERY_MS)) {
+    tile.fetched = now;
+    tile.img.dataset.loading = "1";
+    tile.img.dataset.version = String(source.frame);
+    tile.img.src = "/frame/" + source.index + ".jpg?v=" + source.frame;
+  }
+}
+
+function drawTrend(node, points, threshold) {
+  const values = points.flatMap((p) => [p[1], p[2]]);
+  if (threshold) values.push(threshold);
+  const thr = node.querySelector(".thr");
+  node.querySelector(".axis-thr").textContent = threshold ? "- - threshold " + threshold.toFixed(2) : "";
+  if (!values.length) { for (const cls of [".band", ".maxline", ".okdots", ".ngdots"]) node.querySelector(cls).setAttribute("d", ""); thr.setAttribute("visibility", "hidden"); return; }
+  let lo = Math.min(...values), hi = Math.max(...values);
+  const pad = (hi - lo) * 0.1 || Math.abs(hi) * 0.1 || 1;
+  lo -= pad; hi += pad;
+  const x = (t) => (300 + t).toFixed(1), y = (v) => (100 - 100 * (v - lo) / (hi - lo)).toFixed(1);
+  let line = "", band = "", okDots = "", ngDots = "", previous = null, run = [];
+  const flush = () => {
+    if (!run.length) return;
+    band += "M" + run.map((p) => x(p[0]) + "," + y(p[2])).join("L") + "L" + run.slice().reverse().map((p) => x(p[0]) + "," + y(p[1])).join("L") + "Z";
+    run = [];
+  };
+  for (const p of points) {
+    const gap = previous === null || p[0] - previous > 2;
+    if (gap) flush();
+    line += (gap ? "M" : "L") + x(p[0]) + "," + y(p[2]);
+    run.push(p);
+    const dot = "M" + x(p[0]) + "," + y(p[2]) + "h0.01";
+    if (p[3] > 0) ngDots += dot; else okDots += dot;
+    previous = p[0];
+  }
+  flush();
+  node.querySelector(".band").setAttribute("d", band);
+  node.querySelector(".maxline").setAttribute("d", line);
+  node.querySelector(".okdots").setAttribute("d", okDots);
+  node.querySelector(".ngdots").setAttribute("d", ngDots);
+  thr.setAttribute("visibility", threshold ? "visible" : "hidden");
+  if (threshold) { thr.setAttribute("y1", y(threshold)); thr.setAttribute("y2", y(threshold)); }
+}
+
+function renderAlarms(stats) {
+  const box = $("alarms"), have = new Map([...box.children].map((el) => [el.dataset.id, el]));
+  for (const alarm of stats.alarms) {
+    let el = have.get(alarm.id);
+    if (!el) {
+      el = document.createElement("div"); el.className = "banner alarm"; el.dataset.id = alarm.id;
+      const title = document.createElement("b"); title.textContent = "\u26a0 " + alarm.kind.replace("-", " ") + (alarm.source ? " \u00b7 " + short(alarm.source) : "") + " \u00b7 since " + clock(alarm.raised_at);
+      const message = document.createElement("span");
+      alarm.message.split("`").forEach((part, i) => message.appendChild(i % 2 ? Object.assign(document.createElement("code"), {textContent: part}) : document.createTextNode(part)));
+      el.append(title, message);
+    }
+    box.appendChild(el); have.delete(alarm.id);
+  }
+  for (const el of have.values()) el.remove();
+  const cleared = stats.alarms_cleared.map((a) => a.id + " (" + clock(a.raised_at) + "\u2013" + clock(a.cleared_at) + ")");
+  $("cleared").textContent = cleared.length ? "cleared: " + cleared.join(", ") : "";
+  document.body.dataset.alarms = stats.alarms.map((a) => a.id).join(" ");
+}
+
+function renderNg(stats) {
+  const strip = $("ng-strip"), have = new Map([...strip.querySelectorAll(".thumb")].map((el) => [el.dataset.id, el]));
+  strip.querySelector(".empty")?.remove();
+  for (const frame of stats.ng_frames) {
+    let el = have.get(frame.id);
+    if (!el) {
+      el = document.createElement("figure"); el.className = "thumb"; el.dataset.id = frame.id;
+      const img = document.createElement("img"); img.src = "/ng/" + frame.id + ".jpg"; img.alt = "NG frame " + frame.name;
+      const caption = document.createElement("figcaption");
+      caption.textContent = clock(frame.iso) + " \u00b7 " + num(frame.score, 1) + (tiles.size > 1 ? " \u00b7 " + short(frame.source) : "");
+      el.append(img, caption);
+      el.addEventListener("click", () => openViewer(frame));
+    }
+    strip.appendChild(el); have.delete(frame.id);
+  }
+  for (const el of have.values()) el.remove();
+  if (!stats.ng_frames.length && !strip.children.length) strip.appendChild(Object.assign(document.createElement("p"), {className: "empty", textContent: "none yet"}));
+}
+
+function openViewer(frame) {
+  $("viewer-img").src = "/ng/" + frame.id + ".jpg";
+  $("viewer-title").textContent = frame.source + " \u00b7 frame " + frame.name + " \u00b7 " + clock(frame.iso) + " \u00b7 score " + num(frame.score, 3) + " (threshold " + num(frame.threshold, 3) + ")";
+  const info = $("viewer-info");
+  info.replaceChildren();
+  const list = document.createElement("ol");
+  for (const r of frame.regions) {
+    const item = document.createElement("li");
+    item.textContent = "box x " + r.x + ", y " + r.y + ", " + r.width + "\u00d7" + r.height + " \u00b7 area " + r.area + " px \u00b7 peak " + num(r.peak, 2);
+    list.appendChild(item);
+  }
+  info.append(frame.regions.length ? "regions above the pixel threshold (model input coordinates):" : "no region above the pixel threshold", list);
+  $("viewer").showModal();
+}
+
+function render(stats) {
+  const about = stats.about || {};
+  $("bundle").textContent = (about.bundle || "?") + (about.model ? " (" + about.model + ", " + (about.input_size || []).join("\u00d7") + ")" : "");
+  $("backend").textContent = stats.backend;
+  $("run").textContent = stats.run;
+  $("uncal").hidden = stats.calibrated;
+  $("uncal-cmd").textContent = "inspect-calibrate " + about.bundle_path + " --images DIR";
+  renderAlarms(stats);
+  for (const source of stats.sources) renderTile(stats, source);
+  $("totals").hidden = stats.sources.length < 2;
+  const totals = $("totals").querySelector("table");
+  if (!totals.rows.length) buildCounters(totals);
+  fillCounters(totals, stats);
+  renderNg(stats);
+  $("ng-note").textContent = stats.ng_frames.length ? "(click one for the whole overlay)" : "";
+  const latency = stats.frame_ms ? "frame time p50 " + stats.frame_ms.p50 + " ms, p95 " + stats.frame_ms.p95 + " ms \u00b7 " : "";
+  $("footer").textContent = latency + "mode " + about.mode + " \u00b7 threshold from " + (about.calibrated_on || "\u2014") + " \u00b7 updated " + new Date(stats.now * 1000).toLocaleTimeString("en-GB");
+  document.body.dataset.frames = stats.frames;
+  document.body.dataset.updated = stats.now;
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/stats.json", {cache: "no-store"});
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    render(await response.json());
+    failures = 0;
+    $("conn").textContent = "live"; $("conn").className = "conn-live";
+  } catch (error) {
+    failures += 1;
+    if (failures > 1) { $("conn").textContent = "connection lost \u2014 retrying"; $("conn").className = "conn-lost"; }
+  }
+  setTimeout(poll, 500);
+}
+poll();
 </script></body></html>"""
+
+
+class FrameImage:
+    """One frame to show: the overlay is drawn (unless the overlay store drew it already) and JPEG-encoded on
+    the first request, once, however many viewers ask; then only the JPEG is kept. `max_side`: a larger frame
+    is shrunk first (live frames: the page shows them small, and a full-size overlay of a 1920×1080 frame
+    costs tens of ms); `quality`: JPEG quality."""
+
+    def __init__(self, item: Inspected, max_side: int | None = None, quality: int = 95):
+        self.lock = threading.Lock()
+        self.jpeg_bytes: bytes | None = None
+        self.max_side, self.quality = max_side, quality
+        self.overlay = item._overlay  # drawn already by an earlier sink (the overlay store): reused
+        self.rgb = item.rgb if self.overlay is None else None
+        self.anomaly_map = np.array(item.anomaly_map) if self.overlay is None else None  # a copy: never a backend buffer
+        self.threshold = item.pixel_threshold
+
+    def jpeg(self) -> bytes:
+        with self.lock:
+            if self.jpeg_bytes is None:
+                overlay = self.overlay
+                if overlay is None:
+                    rgb = self.rgb
+                    if self.max_side and max(rgb.shape[:2]) > self.max_side:
+                        scale = self.max_side / max(rgb.shape[:2])
+                        size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+                        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+                    overlay = heat_overlay(rgb, self.anomaly_map, self.threshold)
+                self.jpeg_bytes = cv2.imencode(".jpg", overlay, [cv2.IMWRITE_JPEG_QUALITY, self.quality])[1].tobytes()
+                self.overlay = self.rgb = self.anomaly_map = None
+            return self.jpeg_bytes
 
 
 class BoundedServer(ThreadingHTTPServer):
@@ -67,13 +387,24 @@ class BoundedServer(ThreadingHTTPServer):
 
 
 class LiveView:
-    """Holds the latest annotated JPEG and statistics; serves them from daemon threads, to at most
-    `max_clients` viewers at once, each connection dropped after `timeout_s` without progress."""
+    """Holds the latest frame of each source, the last NG frames and a function that builds the statistics
+    (`snapshot`, set by LiveViewSink); serves them from daemon threads, to at most `max_clients` viewers at once,
+    each connection dropped after `timeout_s` without progress."""
+
+    STATS_FRESH_S = 0.25  # /stats.json is rebuilt at most this often, however many viewers poll
+    NG_SHOWN, NG_KEPT = 8, 16  # the page lists 8; twice that are kept so a listed one is still there when asked
 
     def __init__(self, host: str, port: int, max_clients: int = 8, timeout_s: float = 10.0):
         self.condition = threading.Condition()
-        self.jpeg: bytes | None = None
-        self.stats: dict = {"frames": 0}
+        self.version = 0
+        self.latest: tuple[int, FrameImage] | None = None
+        self.frames: dict[int, tuple[int, FrameImage]] = {}
+        self.ng: deque[tuple[dict, FrameImage]] = deque(maxlen=self.NG_KEPT)
+        self.snapshot = lambda: {"frames": 0}
+        self.stats_lock = threading.Lock()
+        self.stats_cache: tuple[float, bytes] = (-math.inf, b"")
+        self.warn = RateLimitedWarning()
+        self.closed = False
         view = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,23 +416,25 @@ class LiveView:
             def do_GET(self):
                 path = self.path.split("?")[0]
                 if path == "/":
-                    self._send(PAGE, "text/html; charset=utf-8")
+                    self._send(PAGE.encode(), "text/html; charset=utf-8")
                 elif path == "/stats.json":
-                    with view.condition:
-                        body = json.dumps(view.stats).encode()
-                    self._send(body, "application/json")
-                elif path == "/frame.jpg" and view.jpeg is not None:
-                    self._send(view.jpeg, "image/jpeg")
+                    body = view.stats_json()
+                    if body is None:
+                        self.send_error(500, "statistics unavailable")
+                    else:
+                        self._send(body, "application/json")
                 elif path == "/stream.mjpg":
                     self._stream()
+                elif (image := view.image(path)) is not None:
+                    self._send(image.jpeg(), "image/jpeg", cacheable=path.startswith("/ng/"))
                 else:
                     self.send_error(404)
 
-            def _send(self, body: bytes, content_type: str):
+            def _send(self, body: bytes, content_type: str, cacheable: bool = False):
                 self.send_response(200)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
+                self.send_header("Cache-Control", "max-age=86400, immutable" if cacheable else "no-store")
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -112,29 +445,71 @@ class LiveView:
                 last = None
                 while not view.closed:
                     with view.condition:
-                        view.condition.wait_for(lambda: view.jpeg is not last or view.closed, timeout=1.0)
-                        jpeg = last = view.jpeg
-                    if jpeg is None:
+                        view.condition.wait_for(lambda: view.latest is not last or view.closed, timeout=1.0)
+                        latest = last = view.latest
+                    if latest is None:
                         continue
+                    jpeg = latest[1].jpeg()
                     try:
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
                                          % len(jpeg) + jpeg + b"\r\n")
                     except OSError:  # gone, reset, or too slow to take a frame within the timeout
                         return
 
-        self.closed = False
         try:
             self.server = BoundedServer((host, port), Handler, max_clients)
         except (OSError, OverflowError) as error:
             reason = getattr(error, "strerror", None) or str(error)
             raise InspectError(f"--view {port} --view-host {host}: cannot listen there ({reason})") from None
         self.url = f"http://{host}:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, name="live-view", daemon=True).start()
+        # polled every 0.1 s for shutdown (the default 0.5 s held the end of every run up by that much)
+        threading.Thread(target=self.server.serve_forever, args=(0.1,), name="live-view", daemon=True).start()
 
-    def publish(self, jpeg: bytes, stats: dict) -> None:
+    def show(self, index: int, image: FrameImage) -> int:
+        """Make `image` the latest frame of source `index`; returns its version (the id the page asks for)."""
         with self.condition:
-            self.jpeg, self.stats = jpeg, dict(stats, updated=time.time())
+            self.version += 1
+            self.frames[index] = self.latest = (self.version, image)
             self.condition.notify_all()
+            return self.version
+
+    def add_ng(self, meta: dict, image: FrameImage) -> None:
+        with self.condition:
+            self.ng.append((meta, image))
+
+    def ng_frames(self) -> list[dict]:
+        """The last NG_SHOWN NG frames' descriptions, newest first."""
+        with self.condition:
+            return [meta for meta, _ in reversed(self.ng)][:self.NG_SHOWN]
+
+    def image(self, path: str) -> FrameImage | None:
+        with self.condition:
+            if path == "/frame.jpg":
+                return self.latest[1] if self.latest else None
+            name = path.rsplit("/", 1)[-1].removesuffix(".jpg")
+            if path.startswith("/frame/") and name.isdigit() and int(name) in self.frames:
+                return self.frames[int(name)][1]
+            if path.startswith("/ng/"):
+                return next((image for meta, image in self.ng if meta["id"] == name), None)
+        return None
+
+    def stats_json(self) -> bytes | None:
+        """The statistics as JSON (strict: a non-finite number becomes null), rebuilt at most every
+        STATS_FRESH_S; None when building them failed (said at most once a minute)."""
+        with self.stats_lock:
+            made, body = self.stats_cache
+            if time.monotonic() - made >= self.STATS_FRESH_S:
+                try:
+                    snapshot = self.snapshot()
+                    try:
+                        body = json.dumps(snapshot, allow_nan=False).encode()
+                    except ValueError:  # a non-finite number somewhere: the log's strict writer makes it null
+                        body = json_line(snapshot)
+                except Exception as error:  # noqa: BLE001 - the page says so; the run goes on
+                    self.warn("stats", f"live view: statistics failed: {type(error).__name__}: {error}")
+                    return None
+                self.stats_cache = (time.monotonic(), body)
+            return body
 
     def close(self) -> None:
         self.closed = True
@@ -144,24 +519,188 @@ class LiveView:
         self.server.server_close()
 
 
+def about_run(bundle_dir: Path, bundle, backend: str, run_id: str, mode: str) -> dict:
+    """What the page's header says: the bundle (named by its run folder when the folder is called 'bundle'),
+    model kind, input size, backend, run, mode and where the threshold came from."""
+    bundle_dir = Path(bundle_dir)
+    name = bundle_dir.resolve().parent.name if bundle_dir.resolve().name == "bundle" else bundle_dir.name
+    thresholds = bundle.thresholds or {}
+    return {"bundle": name, "bundle_path": str(bundle_dir), "model": bundle.record.get("model", "?"),
+            "input_size": list(bundle.input_size), "backend": backend, "run": run_id, "mode": mode,
+            "calibrated": bool(thresholds), "calibrated_on": thresholds.get("source"),
+            "threshold": thresholds.get("image", {}).get("threshold")}
+
+
+COUNTS = ("frames", "ng", "skipped", "dropped", "reconnects")
+
+
+class Tile:
+    """One source's page state, kept by the frame loop: its last verdict, per-second score buckets for the
+    trend ([second, min, max, NG count]) and the version of its latest frame shown."""
+
+    def __init__(self, index: int, label: str, seconds: int):
+        self.index, self.label = index, label
+        self.last: dict | None = None
+        self.trend: deque[list] = deque(maxlen=seconds)
+        self.shown_at = -math.inf
+        self.version = 0
+
+
+class CounterHistory:
+    """The cumulative counters every `every_s`, for a little over `span_s`: "last hour" is now minus the
+    newest mark at least an hour old (or the run's start, in its first hour)."""
+
+    def __init__(self, start: float, every_s: float = 10.0, span_s: float = 3600.0):
+        self.every_s, self.span_s = every_s, span_s
+        self.marks: deque[tuple[float, dict]] = deque([(start, {})])
+        self.lock = threading.Lock()
+
+    def due(self, now: float) -> bool:
+        return now - self.marks[-1][0] >= self.every_s
+
+    def add(self, now: float, counts: dict) -> None:
+        with self.lock:
+            if now - self.marks[-1][0] >= self.every_s:
+                self.marks.append((now, counts))
+            while len(self.marks) > 1 and self.marks[1][0] <= now - self.span_s:
+                self.marks.popleft()
+
+    def baseline(self) -> tuple[float, dict]:
+        with self.lock:
+            return self.marks[0]
+
+
 class LiveViewSink(Sink):
-    """Feeds the live view at most 10 annotated frames a second (the overlay drawn only then, or reused when
-    the overlay store drew it), with the run's statistics."""
+    """Feeds the live view: per record a few counters and the trend bucket (O(1)); at most FRAME_INTERVAL_S
+    apart (per source: that times the number of sources) a reference to the frame as the latest, and NG frames
+    for the strip (bursts of NG_BURST, else NG_PER_S a second). `summary` is the run's summary function (latency
+    percentiles, called at most every 2 s from a server thread), `stats` its LatencyStats and `grabbers` its
+    grabbers (counters read, never changed), `health` its Health (alarms), `about` from about_run()."""
 
-    INTERVAL_S = 0.1
+    FRAME_INTERVAL_S = 0.1
+    LIVE_SIDE, LIVE_QUALITY = 640, 80  # live frames (NG frames keep their size: the page shows them whole)
+    NG_PER_S, NG_BURST = 2.0, 4  # NG frames for the strip: bursts of up to 4, else 2 a second
+    TREND_S = 300
+    SUMMARY_FRESH_S = 2.0
 
-    def __init__(self, view: LiveView, stats):
-        self.view, self.stats = view, stats
-        self.last = 0.0
+    def __init__(self, view: LiveView, summary, stats=None, grabbers=(), health=None, about: dict | None = None):
+        self.view, self.summary, self.stats, self.health = view, summary, stats, health
+        self.grabbers = list(grabbers)
+        self.about = about or {}
+        self.tiles: dict[str, Tile] = {}
+        for grabber in self.grabbers:
+            self._tile(grabber.label)
+        self.ng_tokens, self.ng_refilled = float(self.NG_BURST), time.perf_counter()
+        self.started = stats.started if stats is not None else time.perf_counter()
+        self.history = CounterHistory(self.started)
+        self.summary_lock = threading.Lock()
+        self.summary_cache: tuple[float, dict] = (-math.inf, {})
+        view.snapshot = self.snapshot
+
+    def _tile(self, label: str) -> Tile:
+        if label not in self.tiles:
+            self.tiles[label] = Tile(len(self.tiles), label, self.TREND_S)
+        return self.tiles[label]
 
     def handle(self, item: Inspected) -> None:
-        if item.skipped or time.perf_counter() - self.last < self.INTERVAL_S:
-            return
-        self.last = time.perf_counter()
         record = item.record
-        stats = dict(self.stats(), last={"name": record["name"], "source": record.get("source"),
-                                         "verdict": record.get("verdict") or "-", "score": round(record["score"], 4)})
-        self.view.publish(cv2.imencode(".jpg", item.overlay())[1].tobytes(), stats)
+        tile = self._tile(record.get("source", ""))
+        now = time.perf_counter()
+        if self.history.due(now):
+            self.history.add(now, self._counts())
+        if item.skipped or item.rgb is None:
+            return
+        score = record.get("score")
+        score = score if isinstance(score, (int, float)) and math.isfinite(score) else None
+        verdict = record.get("verdict")
+        wall = time.time()
+        tile.last = {"seq": record.get("seq"), "name": record.get("name"), "verdict": verdict, "score": score,
+                     "time": round(wall, 3)}
+        second, ng = int(wall), int(verdict == "NG")
+        bucket = tile.trend[-1] if tile.trend else None
+        if bucket is None or bucket[0] != second:
+            tile.trend.append([second, score, score, ng])
+        else:
+            if score is not None:
+                bucket[1] = score if bucket[1] is None else min(bucket[1], score)
+                bucket[2] = score if bucket[2] is None else max(bucket[2], score)
+            bucket[3] += ng
+        image = None
+        if ng:
+            self.ng_tokens = min(self.NG_BURST, self.ng_tokens + (now - self.ng_refilled) * self.NG_PER_S)
+            self.ng_refilled = now
+        if ng and self.ng_tokens >= 1:
+            self.ng_tokens -= 1
+            image = FrameImage(item)
+            self.view.add_ng({"id": f"{record.get('run', 'run')}-{record.get('seq')}", "seq": record.get("seq"),
+                              "source": tile.label, "name": record.get("name"), "score": score,
+                              "threshold": record.get("threshold"), "time": round(wall, 3),
+                              "iso": record.get("time"), "regions": record.get("regions", [])[:10]}, image)
+        if now - tile.shown_at >= self.FRAME_INTERVAL_S * len(self.tiles):
+            tile.shown_at = now
+            tile.version = self.view.show(tile.index, image or FrameImage(item, self.LIVE_SIDE, self.LIVE_QUALITY))
 
     def close(self) -> None:
         self.view.close()
+
+    # -- the server's side: called from its threads --------------------------------------------------------
+
+    def _counts(self) -> dict[str, dict]:
+        """Cumulative counters per source label (cheap: no percentiles)."""
+        per_source = self.stats.per_source if self.stats is not None else {}
+        counts = {}
+        for label in list(self.tiles):
+            found = dict(per_source.get(label) or {})
+            counts[label] = {name: found.get(name, 0) for name in COUNTS}
+        for grabber in self.grabbers:
+            counts.setdefault(grabber.label, dict.fromkeys(COUNTS, 0)).update(
+                dropped=grabber.dropped, reconnects=grabber.source.reconnects)
+        return counts
+
+    def _figures(self, counts: dict, seconds: float) -> dict:
+        calibrated = self.about.get("calibrated", True)
+        frames = counts.get("frames", 0)
+        return {**{name: counts.get(name, 0) for name in COUNTS},
+                "yield": round(100 * (frames - counts.get("ng", 0)) / frames, 2) if frames and calibrated else None,
+                "fps": round(frames / max(seconds, 1e-9), 2), "seconds": round(seconds, 3)}
+
+    def _summary(self) -> dict:
+        with self.summary_lock:
+            made, summary = self.summary_cache
+            if time.monotonic() - made >= self.SUMMARY_FRESH_S:
+                summary = self.summary()
+                self.summary_cache = (time.monotonic(), summary)
+            return summary
+
+    def snapshot(self) -> dict:
+        """Everything the page shows. Counters are cumulative since the start ("since_start"), and over the
+        last hour ("last_hour"), for the whole run (top level) and per source ("sources", in the order of
+        --source, each with "index" for /frame/N.jpg, "frame": the version of its latest frame, "last": its
+        last verdict, "trend": [seconds before "now", min, max, NG count] per second of the last 5 minutes)."""
+        now, wall = time.perf_counter(), time.time()
+        counts = self._counts()
+        self.history.add(now, counts)
+        since, base = self.history.baseline()
+        hour_s, start_s = now - since, now - self.started
+        total = {name: sum(c[name] for c in counts.values()) for name in COUNTS}
+        total_before = {name: sum(c.get(name, 0) for c in base.values()) for name in COUNTS}
+        sources = []
+        for label, tile in list(self.tiles.items()):
+            mine, before = counts.get(label, {}), base.get(label, {})
+            trend = [[round(second - wall, 1), low, high, ng] for second, low, high, ng in list(tile.trend)
+                     if wall - second <= self.TREND_S]
+            sources.append({"index": tile.index, "label": label, "last": tile.last, "frame": tile.version,
+                            "since_start": self._figures(mine, start_s),
+                            "last_hour": self._figures({k: mine.get(k, 0) - before.get(k, 0) for k in COUNTS}, hour_s),
+                            "trend": trend})
+        health = self.health.snapshot() if self.health is not None else {"active": [], "cleared": []}
+        last = max((s["last"] for s in sources if s["last"]), key=lambda last: last["time"], default=None)
+        summary = self._summary()
+        return {**summary, **total, "fps": self._figures(total, start_s)["fps"], "now": round(wall, 3),
+                "run": self.about.get("run", summary.get("run")), "backend": self.about.get("backend", summary.get("backend")),
+                "about": self.about, "calibrated": self.about.get("calibrated", True),
+                "threshold": self.about.get("threshold"), "last": last,
+                "since_start": self._figures(total, start_s),
+                "last_hour": self._figures({k: total[k] - total_before[k] for k in COUNTS}, hour_s),
+                "sources": sources, "ng_frames": self.view.ng_frames(),
+                "alarms": health["active"], "alarms_cleared": health["cleared"]}

@@ -185,10 +185,13 @@ class MqttSink(Sink):
     def handle(self, item: Inspected) -> None:
         """Queue the record on disk and return at once: the frame loop never waits for the network."""
         payload = json.dumps(item.record, separators=(",", ":"))
-        dropped = self.queue.push(self.topic("frames"), payload)
+        self.publish("frames", payload)
         if item.verdict == "NG":
-            dropped += self.queue.push(self.topic("ng"), payload)
-        if dropped:
+            self.publish("ng", payload)
+
+    def publish(self, name: str, payload: str) -> None:
+        """Queue a message for {prefix}/{name} (QoS 1, in order with the rest, kept on disk until its PUBACK)."""
+        if self.queue.push(self.topic(name), payload):
             self.warn("dropped", f"MQTT queue {self.queue.path} is full ({self.queue.max_rows} messages): "
                                  f"dropping the oldest ({self.queue.dropped} dropped so far)")
         self.wake.set()

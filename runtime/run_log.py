@@ -72,17 +72,26 @@ class JsonLog(Sink):
         self.waiting: deque[bytes] = deque()
         self.lost = 0
         self.compressors: list[threading.Thread] = []
+        self.lock = threading.Lock()  # the frame loop writes frames, the health thread alarm lines
+        self.closed = False
 
     @staticmethod
     def _today() -> str:
         return datetime.now(timezone.utc).strftime("%Y-%m-%d")
 
     def handle(self, item: Inspected) -> None:
-        if len(self.waiting) >= WAITING_LINES_MAX:
-            self.waiting.popleft()
-            self.lost += 1
-        self.waiting.append(json_line(item.record))
-        self.flush()
+        self.write(item.record)
+
+    def write(self, record: dict) -> None:
+        """Append one record as a line (a frame's, or another thread's alarm line); nothing after close()."""
+        with self.lock:
+            if self.closed:
+                return
+            if len(self.waiting) >= WAITING_LINES_MAX:
+                self.waiting.popleft()
+                self.lost += 1
+            self.waiting.append(json_line(record))
+            self.flush()
 
     def flush(self) -> None:
         """Write the waiting lines, oldest first, each whole or not at all."""
@@ -145,7 +154,11 @@ class JsonLog(Sink):
             self.on_rotated(path)
 
     def close(self) -> None:
-        self.flush()
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.flush()
         if self.waiting:
             warn(f"{self.path}: {len(self.waiting)} line(s) could not be written (disk full)")
         os.fsync(self.fd)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from edgeinspect.runtime import backends, cuda_device
-from edgeinspect.runtime.backends import (BACKENDS, BackendUnavailable, OrtCudaBackend, OrtTensorRTBackend,
-                                          missing_shared_library, open_backend)
+from edgeinspect.runtime.backends import (BACKENDS, OrtCudaBackend, OrtTensorRTBackend,
+                                          open_backend)
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.cuda_device import CudaBindingsDevice, CudaUnavailable, open_cuda
 

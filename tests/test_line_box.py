@@ -30,14 +30,19 @@ runner = CliRunner()
 RUN = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()"]
 
 
+def frame_records(lines: list[str]) -> list[dict]:
+    """The frames' records of a log (alarm lines, which carry no seq, left out); every line must parse."""
+    return [record for record in map(json.loads, lines) if "alarm" not in record]
+
+
 def read_log(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "inspections.jsonl").read_text().splitlines()]
+    return frame_records((folder / "inspections.jsonl").read_text().splitlines())
 
 
 def read_all_logs(folder: Path) -> list[dict]:
     """The rotated logs (oldest first) and the current one."""
     paths = sorted(folder.glob("inspections-*.jsonl")) + [folder / "inspections.jsonl"]
-    return [json.loads(line) for path in paths for line in path.read_text().splitlines()]
+    return frame_records([line for path in paths for line in path.read_text().splitlines()])
 
 
 def video_of(folder: Path, path: Path, repeat: int = 1) -> Path:
