@@ -57,9 +57,11 @@ class DiskBudget:
                 return kind, self.files[kind][0]
         return None
 
-    def enforce(self) -> None:
+    def enforce(self, incoming: int = 0) -> None:
+        """Delete the oldest until the tracked files, the current log and `incoming` bytes about to be written
+        fit `max_bytes`, and what is older than `keep_days`."""
         if self.max_bytes:
-            while self.total + self._current_log_bytes() > self.max_bytes and self._delete_oldest():
+            while self.total + self._current_log_bytes() + incoming > self.max_bytes and self._delete_oldest():
                 pass
         now = time.time()
         if self.keep_days and now - self.last_age_check >= self.AGE_CHECK_S:
@@ -108,6 +110,8 @@ class OverlayStore(Sink):
         stem = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(str(record["name"])).stem)[:60]
         path = self.folder / day / f"{self.run_id}_{source}_{record['frame']:06d}_{stem}.jpg"
         data = cv2.imencode(".jpg", item.overlay(), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        if self.budget is not None:
+            self.budget.enforce(incoming=len(data))  # room first: the folder never goes over, even for a moment
         try:
             atomic_write_bytes(path, data)
         except OSError as error:
@@ -116,4 +120,4 @@ class OverlayStore(Sink):
             return
         record["overlay"] = str(path)
         if self.budget is not None:
-            self.budget.add("overlay", path, len(data))
+            self.budget.add("overlay", path, len(data), enforce=False)
