@@ -113,7 +113,7 @@ def main():
     result = {
         "frames_asked": args.frames, "json_lines": len(sequence), "summary_frames": summary["frames"],
         "lines_in_order_without_gap": sequence == list(range(len(sequence))), "save": args.save,
-        "max_disk": args.max_disk, "folder_max_mb": round(largest / 1e6, 2), "deleted_files": summary.get("deleted_files"),
+        "max_disk": args.max_disk, "folder_max_bytes": largest, "deleted_files": summary.get("deleted_files"),
         "video_frames": clip_frames, "backend": summary["backend"], "rss_after_warmup_mb": round(after_warmup or 0, 1),
         "rss_max_after_warmup_mb": round(max(later or [0]), 1), "rss_end_mb": round(samples[-1][1], 1),
         "growth_mb": round(max(later or [0]) - (after_warmup or 0), 1), "fps": summary["fps"],
