@@ -23,6 +23,7 @@ class DiskBudget:
     `max_bytes`, or while the oldest is older than `keep_days`."""
 
     AGE_CHECK_S = 60.0
+    HEADROOM = 64 * 1024  # for what is written between checks (log lines) and is not tracked (lock, summary)
 
     def __init__(self, out: Path, max_bytes: int | None = None, keep_days: float | None = None,
                  warn_limited: RateLimitedWarning | None = None):
@@ -61,7 +62,8 @@ class DiskBudget:
         """Delete the oldest until the tracked files, the current log and `incoming` bytes about to be written
         fit `max_bytes`, and what is older than `keep_days`."""
         if self.max_bytes:
-            while self.total + self._current_log_bytes() + incoming > self.max_bytes and self._delete_oldest():
+            limit = self.max_bytes - min(self.HEADROOM, self.max_bytes // 100)
+            while self.total + self._current_log_bytes() + incoming > limit and self._delete_oldest():
                 pass
         now = time.time()
         if self.keep_days and now - self.last_age_check >= self.AGE_CHECK_S:
