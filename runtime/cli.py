@@ -195,7 +195,6 @@ def run(
             stop.set()
             grabbers.join(timeout=5)
             outputs.close()
-            outputs.sinks = []
             result = {**summary(), "sink_failures": outputs.failures, "deleted_files": budget.deleted}
             result["alarms"] = health.alarms()
             write_summary(out / "summary.json", result)

@@ -84,7 +84,9 @@ class Sinks:
                 self.warn(name, f"{name} failed: {type(error).__name__}: {error}; the run goes on")
 
     def close(self) -> None:
-        for sink in self.sinks:
+        """Close every sink once; a second call does nothing."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
             try:
                 sink.close()
             except Exception as error:  # noqa: BLE001

@@ -59,37 +59,31 @@ QUICK_TRAINING = {"patchcore": ["--coreset-ratio", 0.25], "stpm": ["--epochs", 2
                   "autoencoder": ["--epochs", 2]}
 
 
-@pytest.fixture(scope="session", params=list(QUICK_TRAINING))
-def kind_bundle(request, mvtec_like, tmp_path_factory) -> Path:
-    """One calibrated bundle per model kind (with its fp16 model), trained briefly on the small data set."""
+def calibrated_bundle(run_dir: Path, train_args: list, export_args: tuple = ()) -> Path:
+    """inspect-train with `train_args` into run_dir, inspect-export, inspect-calibrate; the bundle folder."""
     from typer.testing import CliRunner
 
     from edgeinspect.calibration.cli import calibrate_app
     from edgeinspect.export.cli import app as export_app
     from edgeinspect.train.cli import app as train_app
 
-    run_dir = tmp_path_factory.mktemp(request.param)
-    for app, args in [(train_app, [request.param, "--data", mvtec_like, "--out", run_dir, "--image-size", 64,
-                                   *QUICK_TRAINING[request.param]]),
-                      (export_app, [run_dir, "--fp16"]), (calibrate_app, [run_dir / "bundle"])]:
+    for app, args in [(train_app, [*train_args, "--out", run_dir]), (export_app, [run_dir, *export_args]),
+                      (calibrate_app, [run_dir / "bundle"])]:
         result = CliRunner().invoke(app, [str(a) for a in args])
         assert result.exit_code == 0, result.output
     return run_dir / "bundle"
+
+
+@pytest.fixture(scope="session", params=list(QUICK_TRAINING))
+def kind_bundle(request, mvtec_like, tmp_path_factory) -> Path:
+    """One calibrated bundle per model kind (with its fp16 model), trained briefly on the small data set."""
+    return calibrated_bundle(tmp_path_factory.mktemp(request.param),
+                             [request.param, "--data", mvtec_like, "--image-size", 64, *QUICK_TRAINING[request.param]],
+                             ("--fp16",))
 
 
 @pytest.fixture(scope="session")
 def patchcore_bundle(mvtec_like, tmp_path_factory) -> Path:
     """A calibrated PatchCore bundle at 64×64 (for tests that only read it)."""
-    from typer.testing import CliRunner
-
-    from edgeinspect.calibration.cli import calibrate_app
-    from edgeinspect.export.cli import app as export_app
-    from edgeinspect.train.cli import app as train_app
-
-    run_dir = tmp_path_factory.mktemp("patchcore-run")
-    for app, args in [(train_app, ["patchcore", "--data", mvtec_like, "--out", run_dir, "--image-size", 64,
-                                   "--coreset-ratio", 0.25]),
-                      (export_app, [run_dir]), (calibrate_app, [run_dir / "bundle"])]:
-        result = CliRunner().invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output
-    return run_dir / "bundle"
+    return calibrated_bundle(tmp_path_factory.mktemp("patchcore-run"),
+                             ["patchcore", "--data", mvtec_like, "--image-size", 64, "--coreset-ratio", 0.25])

@@ -35,6 +35,7 @@ from edgeinspect.runtime.health import Health, Limits, log_listener
 from edgeinspect.runtime.live_view import LiveView, LiveViewSink
 from edgeinspect.runtime.run_log import JsonLog
 from edgeinspect.runtime.sinks import Inspected
+from conftest import calibrated_bundle
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -696,17 +697,8 @@ def test_many_viewers_stay_bounded_and_cost_the_frame_loop_nothing_more(monkeypa
 @pytest.fixture(scope="module")
 def bottle_bundle(bottle, tmp_path_factory) -> Path:
     """PatchCore on bottle at 128×128 (coreset 1%), calibrated on its held-out PNGs: about a minute."""
-    from edgeinspect.calibration.cli import calibrate_app
-    from edgeinspect.export.cli import app as export_app
-    from edgeinspect.train.cli import app as train_app
-
-    run_dir = tmp_path_factory.mktemp("bottle-128")
-    for app, args in [(train_app, ["patchcore", "--data", bottle, "--out", run_dir, "--image-size", 128,
-                                   "--coreset-ratio", 0.01]),
-                      (export_app, [run_dir]), (calibrate_app, [run_dir / "bundle"])]:
-        result = CliRunner().invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, result.output
-    return run_dir / "bundle"
+    return calibrated_bundle(tmp_path_factory.mktemp("bottle-128"),
+                             ["patchcore", "--data", bottle, "--image-size", 128, "--coreset-ratio", 0.01])
 
 
 @pytest.mark.slow
