@@ -139,12 +139,13 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def update_benchmarks_md(path: Path, header: str, table: str) -> None:
+def update_benchmarks_md(path: Path, begin: str, end: str, header: str, table: str) -> None:
+    """Replace the generated block between the markers `begin` and `end`."""
     text = path.read_text()
-    block = f"{TABLE_BEGIN}\n{header}\n\n{table}\n{TABLE_END}"
-    pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.S)
+    block = f"{begin}\n{header}\n\n{table}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{path}: no generated-table markers {TABLE_BEGIN} … {TABLE_END}")
+        raise SystemExit(f"{path}: no generated-table markers {begin} … {end}")
     path.write_text(pattern.sub(lambda _: block, text))
 
 
@@ -184,7 +185,7 @@ def main():
               f"defaults are shown after the model); latency: batch 1, {args.threads} threads, each backend and "
               f"PyTorch eager called 20 times to settle, then timed in turns (5 rounds of 10 calls each); "
               f"medians. \"eager ÷ fastest\" is PyTorch eager's time over the fastest backend's.")
-    update_benchmarks_md(args.markdown, header, markdown_table(results))
+    update_benchmarks_md(args.markdown, TABLE_BEGIN, TABLE_END, header, markdown_table(results))
     print(json.dumps(results, indent=2))
 
 

@@ -16,7 +16,8 @@ from .metrics import at_threshold, aupro, auroc, f1_max
 
 
 def read_mask(sample: TestSample, image_shape: tuple[int, int], map_shape: tuple[int, int]) -> np.ndarray:
-    """Ground truth as a bool array at the map's size; good images and images without a mask are all-False."""
+    """Ground truth as a bool array at the map's size (the image was stretched to it, whatever its shape); good
+    images and images without a mask are all-False."""
     if sample.mask is None:
         return np.zeros(map_shape, dtype=bool)
     if not sample.mask.is_file():
@@ -30,7 +31,8 @@ def read_mask(sample: TestSample, image_shape: tuple[int, int], map_shape: tuple
     if mask.shape != image_shape:
         raise InspectError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.path} "
                            f"is {image_shape[1]}x{image_shape[0]}")
-    return cv2.resize(mask, map_shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    # the mask pixel under each map pixel's centre: never interpolated into grey, never shifted by half a pixel
+    return cv2.resize(mask, map_shape[::-1], interpolation=cv2.INTER_NEAREST_EXACT) > 0
 
 
 @dataclass

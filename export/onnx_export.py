@@ -126,7 +126,8 @@ def bundle_record(run: dict, opset: int, size: tuple[int, int]) -> dict:
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "color": "RGB",
                   "size": list(size), "channels": 3},
         "preprocessing": {
-            "outside_graph": "decode, grayscale to 3 channels, RGB order, antialiased bilinear resize (Pillow)",
+            "outside_graph": "decode, grayscale to 3 channels, RGB order, antialiased bilinear resize (Pillow) to the "
+                             "input size, stretched whatever the frame's aspect ratio",
             "inside_graph": {"scale": 1 / 255, **run["normalization"]},
         },
         "outputs": OUTPUT_NAMES,

@@ -8,6 +8,7 @@ import pytest
 import skimage.data
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
+MAGNETIC_TILE = BOTTLE.parents[1] / "magnetic_tile"
 SIZE = 64
 
 
@@ -53,6 +54,13 @@ def bottle() -> Path:
     if not BOTTLE.is_dir():
         pytest.skip(f"real MVTec AD bottle data not present at {BOTTLE}")
     return BOTTLE
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile() -> Path:
+    if not MAGNETIC_TILE.is_dir():
+        pytest.skip(f"real magnetic_tile data not present at {MAGNETIC_TILE}")
+    return MAGNETIC_TILE
 
 
 QUICK_TRAINING = {"patchcore": ["--coreset-ratio", 0.25], "stpm": ["--epochs", 2], "dfr": ["--epochs", 2],

@@ -330,6 +330,7 @@ def test_every_command_refuses_an_unwritable_out_before_working(patchcore_bundle
     (train_app, ["patchcore", "--data", "DATA", "--out", "OUT", "--val-fraction", "0.99"],
      "--val-fraction 0.99 holds out all 20 good images"),
     (train_app, ["patchcore", "--data", "DATA", "--out", "OUT", "--coreset-ratio", "nan"], "--coreset-ratio"),
+    (train_app, ["patchcore", "--data", "DATA", "--out", "OUT", "--max-bank", "0"], "--max-bank"),
     (train_app, ["dfr", "--data", "DATA", "--out", "OUT", "--variance-kept", "0"], "--variance-kept"),
     (train_app, ["dfr", "--data", "DATA", "--out", "OUT", "--variance-kept", "1.5"], "--variance-kept"),
     (train_app, ["dfr", "--data", "DATA", "--out", "OUT", "--latent-dim", "0"], "--latent-dim must be at least 1"),

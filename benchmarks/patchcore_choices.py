@@ -1,0 +1,138 @@
+"""PatchCore's choices measured on several data sets in PyTorch (no export): backbone, stages, input size,
+input normalisation, aspect ratio (stretch or letterbox) and the bank's size. Used to pick the defaults; the
+defaults themselves are then measured through the exported bundle by benchmarks/datasets.py.
+
+Each setting is one argument of comma-separated key=value pairs over the defaults, e.g.
+
+    python benchmarks/patchcore_choices.py --data ../shared/data/magnetic_tile --data elpv \\
+        "" "backbone=tf_efficientnet_lite1" "strides=8-16-32" "size=384x384" "resize=letterbox"
+
+Appends one JSON line per (data set, setting) to --out: image AUROC, pixel AUROC (inside the image, not the
+letterbox's padding), fit seconds, bank size, and PyTorch's median ms per 1-image batch on this machine.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from edgeinspect.calibration.metrics import auroc
+from edgeinspect.runtime.console import progress_bar
+from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
+from edgeinspect.runtime.images import read_image, resize
+from edgeinspect.train.patchcore import PatchCoreConfig, fit_patchcore
+
+KEYS = {"backbone": str, "strides": lambda v: tuple(int(s) for s in v.split("-")),
+        "size": lambda v: tuple(int(s) for s in v.split("x")), "normalization": str, "ratio": float,
+        "max_entries": int, "resize": str}
+FIELDS = {"size": "image_size", "ratio": "coreset_ratio", "max_entries": "coreset_max_entries"}
+
+
+def parse_setting(text: str) -> tuple[dict, str]:
+    values = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=", 1)
+        values[key] = KEYS[key](value)
+    return values, values.pop("resize", "stretch")
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Resized to fit inside `size` with its aspect ratio kept, centred on black; (top, left, height, width) of
+    the image inside."""
+    height, width = size
+    scale = min(height / image.shape[0], width / image.shape[1])
+    inner = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
+    top, left = (height - inner[0]) // 2, (width - inner[1]) // 2
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    canvas[top:top + inner[0], left:left + inner[1]] = resize(image, inner)
+    return canvas, (top, left, *inner)
+
+
+def prepared(path: Path, size: tuple[int, int], mode: str):
+    image = read_image(path)
+    if mode == "letterbox":
+        canvas, box = letterbox(image, size)
+        return canvas, box, image.shape[:2]
+    return resize(image, size), (0, 0, *size), image.shape[:2]
+
+
+def mask_in_box(mask_path: Path | None, image_shape, box, size) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth and the pixels that show the image, both at the input size (nearest-neighbour)."""
+    top, left, height, width = box
+    inside = np.zeros(size, dtype=bool)
+    inside[top:top + height, left:left + width] = True
+    truth = np.zeros(size, dtype=bool)
+    if mask_path is not None:
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        truth[top:top + height, left:left + width] = cv2.resize(mask, (width, height),
+                                                                interpolation=cv2.INTER_NEAREST) > 0
+    return truth, inside
+
+
+def measure(data: str, setting: str, threads: int) -> dict:
+    overrides, mode = parse_setting(setting)
+    config = PatchCoreConfig(**{FIELDS.get(k, k): v for k, v in overrides.items()})
+    size = config.image_size
+    dataset = open_dataset(data)
+    fit_paths, _ = split_fit_validation(dataset.good, 0.2, config.seed)
+    fit_images = np.stack([prepared(p, size, mode)[0] for p in fit_paths])
+    torch.set_num_threads(threads)
+    clock = time.perf_counter()
+    with progress_bar() as bar, torch.inference_mode():
+        model, _, details = fit_patchcore(config, fit_images, fit_images[:1], None, bar, None)
+    fit_s = time.perf_counter() - clock
+    scores, maps, truths, labels = [], [], [], []
+    with torch.inference_mode():
+        for start in range(0, len(dataset.test), 16):
+            samples = dataset.test[start:start + 16]
+            batch = [prepared(s.path, size, mode) for s in samples]
+            anomaly_maps, batch_scores = model(torch.from_numpy(np.stack([b[0] for b in batch])))
+            scores += batch_scores.tolist()
+            labels += [s.label for s in samples]
+            for sample, (_, box, shape), anomaly_map in zip(samples, batch, anomaly_maps[:, 0].numpy()):
+                truth, inside = mask_in_box(sample.mask, shape, box, size)
+                maps.append(anomaly_map[inside])
+                truths.append(truth[inside])
+        frame = torch.from_numpy(fit_images[:1])
+        for _ in range(3):
+            model(frame)
+        times = []
+        for _ in range(10):
+            clock = time.perf_counter()
+            model(frame)
+            times.append(time.perf_counter() - clock)
+    pixel = auroc(np.concatenate(truths), np.concatenate(maps)) if dataset.has_masks else None
+    types, scores = np.array([s.defect_type for s in dataset.test]), np.array(scores)
+    per_type = {t: round(auroc(types[(types == t) | (types == "good")] == t, scores[(types == t) | (types == "good")]), 4)
+                for t in sorted(set(types) - {"good"})}
+    return {"data": dataset.name, "setting": setting or "defaults", "resize": mode,
+            "config": dataclasses.asdict(config), "image_auroc": round(auroc(np.array(labels), scores), 4),
+            "image_auroc_per_type": per_type,
+            "pixel_auroc": None if pixel is None else round(pixel, 4), "fit_s": round(fit_s, 1),
+            "bank": details["memory_bank"], "torch_ms_per_frame": round(1000 * float(np.median(times)), 1)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("settings", nargs="+", help='comma-separated key=value over the defaults ("" = defaults)')
+    parser.add_argument("--data", action="append", required=True)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/patchcore_choices.jsonl"))
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for data in args.data:
+        for setting in args.settings:
+            result = measure(data, setting, args.threads)
+            print(json.dumps(result), flush=True)
+            with args.out.open("a") as out:
+                out.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
