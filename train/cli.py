@@ -86,7 +86,7 @@ def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0"
                                                                                    "memory bank.")] = 0.01,
               max_bank: Annotated[int, typer.Option("--max-bank", help="Most entries in the memory bank, whatever "
                                                     "the patch count (bounds the per-frame cost at large sizes).")
-                                  ] = 2048,
+                                  ] = 1536,
               normalization: Annotated[str, typer.Option(
                   "--normalization", help="Input normalisation: backbone (what its weights were trained with) or "
                                           "imagenet (ImageNet statistics, whatever the backbone).")

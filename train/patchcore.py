@@ -27,8 +27,10 @@ class PatchCoreConfig(ModelConfig):
     image_size: tuple[int, int] = (256, 256)
     coreset_ratio: float = 0.01
     # at most this many bank entries, whatever the patch count: per-frame cost then grows with the pixels and not
-    # with their square (512×512: 4× the patches of 256×256 against the same bank)
-    coreset_max_entries: int = 2048
+    # with their square (512×512: 4× the patches of 256×256 against the same bank). Below the 1,710 that 1% of
+    # bottle's 256×256 patches give, so 512×512 costs at most 4× 256×256; on magnetic_tile banks of 1,536 to
+    # 6,246 entries were within ±0.01 image AUROC (BENCHMARKS.md)
+    coreset_max_entries: int = 1536
     projection_dim: int = 128  # random projection used only to pick the coreset
     num_neighbours: int = 9  # bank neighbourhood used by the image-score reweighting
     sigma: float = 4.0
