@@ -1,14 +1,17 @@
 """PatchCore's choices measured on several data sets in PyTorch (no export): backbone, stages, input size,
-input normalisation, aspect ratio (stretch or letterbox) and the bank's size. Used to pick the defaults; the
-defaults themselves are then measured through the exported bundle by benchmarks/datasets.py.
+input normalisation, aspect ratio (stretch or letterbox), the bank's size and the coreset selection (pooled, or
+the exact greedy loop). Used to pick the defaults; the defaults themselves are then measured through the
+exported bundle by benchmarks/datasets.py.
 
 Each setting is one argument of comma-separated key=value pairs over the defaults, e.g.
 
     python benchmarks/patchcore_choices.py --data ../shared/data/magnetic_tile --data elpv \\
         "" "backbone=tf_efficientnet_lite1" "strides=8-16-32" "size=384x384" "resize=letterbox"
 
-Appends one JSON line per (data set, setting) to --out: image AUROC, pixel AUROC (inside the image, not the
-letterbox's padding), fit seconds, bank size, and PyTorch's median ms per 1-image batch on this machine.
+Appends one JSON line per (data set, setting) to --out: image AUROC (overall and per defect type), pixel
+AUROC (inside the image, not the letterbox's padding), AUPRO (stretched inputs), fit seconds, bank size, and
+PyTorch's median ms per 1-image batch on this machine. `--markdown BENCHMARKS.md` rewrites its choices table
+from every line of --out.
 """
 
 import argparse
@@ -17,6 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -24,24 +28,25 @@ import torch
 
 from models import update_benchmarks_md
 
-from edgeinspect.calibration.metrics import auroc
+from edgeinspect.calibration.metrics import aupro, auroc
 from edgeinspect.runtime.console import progress_bar
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
 from edgeinspect.runtime.images import read_image, resize
-from edgeinspect.train.patchcore import PatchCoreConfig, fit_patchcore
+from edgeinspect.train import patchcore
+from edgeinspect.train.patchcore import PatchCoreConfig
 
-KEYS = {"backbone": str, "strides": lambda v: tuple(int(s) for s in v.split("-")),
+KEYS = {"coreset": str, "backbone": str, "strides": lambda v: tuple(int(s) for s in v.split("-")),
         "size": lambda v: tuple(int(s) for s in v.split("x")), "normalization": str, "ratio": float,
         "max_entries": int, "resize": str}
 FIELDS = {"size": "image_size", "ratio": "coreset_ratio", "max_entries": "coreset_max_entries"}
 
 
-def parse_setting(text: str) -> tuple[dict, str]:
+def parse_setting(text: str) -> tuple[dict, str, str]:
     values = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=", 1)
         values[key] = KEYS[key](value)
-    return values, values.pop("resize", "stretch")
+    return values, values.pop("resize", "stretch"), values.pop("coreset", "pooled")
 
 
 def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -78,7 +83,7 @@ def mask_in_box(mask_path: Path | None, image_shape, box, size) -> tuple[np.ndar
 
 
 def measure(data: str, setting: str, threads: int) -> dict:
-    overrides, mode = parse_setting(setting)
+    overrides, mode, coreset = parse_setting(setting)
     config = PatchCoreConfig(**{FIELDS.get(k, k): v for k, v in overrides.items()})
     size = config.image_size
     dataset = open_dataset(data)
@@ -86,10 +91,12 @@ def measure(data: str, setting: str, threads: int) -> dict:
     fit_images = np.stack([prepared(p, size, mode)[0] for p in fit_paths])
     torch.set_num_threads(threads)
     clock = time.perf_counter()
-    with progress_bar() as bar, torch.inference_mode():
-        model, _, details = fit_patchcore(config, fit_images, fit_images[:1], None, bar, None)
+    # coreset=exact: today's selection replaced by the exact greedy loop over every patch, for comparison
+    selection = {"pooled": patchcore.pooled_greedy_coreset, "exact": patchcore.greedy_coreset}[coreset]
+    with progress_bar() as bar, torch.inference_mode(), mock.patch.object(patchcore, "pooled_greedy_coreset", selection):
+        model, _, details = patchcore.fit_patchcore(config, fit_images, fit_images[:1], None, bar, None)
     fit_s = time.perf_counter() - clock
-    scores, maps, truths, labels = [], [], [], []
+    scores, maps, truths, labels, whole_maps, whole_truths = [], [], [], [], [], []
     with torch.inference_mode():
         for start in range(0, len(dataset.test), 16):
             samples = dataset.test[start:start + 16]
@@ -101,6 +108,9 @@ def measure(data: str, setting: str, threads: int) -> dict:
                 truth, inside = mask_in_box(sample.mask, shape, box, size)
                 maps.append(anomaly_map[inside])
                 truths.append(truth[inside])
+                if mode == "stretch":
+                    whole_maps.append(anomaly_map)
+                    whole_truths.append(truth)
         frame = torch.from_numpy(fit_images[:1])
         for _ in range(3):
             model(frame)
@@ -110,10 +120,12 @@ def measure(data: str, setting: str, threads: int) -> dict:
             model(frame)
             times.append(time.perf_counter() - clock)
     pixel = auroc(np.concatenate(truths), np.concatenate(maps)) if dataset.has_masks else None
+    pro = aupro(np.stack(whole_maps), np.stack(whole_truths)) if dataset.has_masks and whole_maps else None
     types, scores = np.array([s.defect_type for s in dataset.test]), np.array(scores)
     per_type = {t: round(auroc(types[(types == t) | (types == "good")] == t, scores[(types == t) | (types == "good")]), 4)
                 for t in sorted(set(types) - {"good"})}
-    return {"data": dataset.name, "setting": setting or "defaults", "resize": mode,
+    return {"data": dataset.name, "setting": setting or "defaults", "resize": mode, "coreset": coreset,
+            "aupro": None if pro is None else round(pro, 4),
             "config": dataclasses.asdict(config), "image_auroc": round(auroc(np.array(labels), scores), 4),
             "image_auroc_per_type": per_type,
             "pixel_auroc": None if pixel is None else round(pixel, 4), "fit_s": round(fit_s, 1),
@@ -124,16 +136,17 @@ TABLE = ("<!-- choices table: begin -->", "<!-- choices table: end -->")
 
 
 def choices_table(results: list[dict]) -> str:
-    head = ["data set", "backbone", "stages (strides)", "input", "normalisation", "aspect", "bank entries",
-            "image AUROC", "pixel AUROC", "image AUROC per defect type", "fit s", "PyTorch ms/frame"]
+    head = ["data set", "backbone", "stages (strides)", "input", "normalisation", "aspect", "coreset",
+            "bank entries", "image AUROC", "pixel AUROC", "AUPRO", "image AUROC per defect type", "fit s", "PyTorch ms/frame"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         c = r["config"]
         per_type = ", ".join(f"{t} {v:.3f}" for t, v in r.get("image_auroc_per_type", {}).items()) or "-"
         rows.append("| " + " | ".join([
             r["data"], c["backbone"].replace("tf_efficientnet_", ""), "-".join(map(str, c["strides"])),
-            "×".join(map(str, c["image_size"])), c["normalization"], r["resize"], str(r["bank"]["entries"]),
-            f"{r['image_auroc']:.3f}", "-" if r["pixel_auroc"] is None else f"{r['pixel_auroc']:.3f}", per_type,
+            "×".join(map(str, c["image_size"])), c["normalization"], r["resize"], r.get("coreset", "pooled"),
+            str(r["bank"]["entries"]), f"{r['image_auroc']:.3f}",
+            *["-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("pixel_auroc", "aupro")], per_type,
             f"{r['fit_s']:.0f}", f"{r['torch_ms_per_frame']:.0f}"]) + " |")
     return "\n".join(rows)
 

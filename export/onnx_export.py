@@ -26,7 +26,11 @@ from .static_padding import with_static_padding
 INPUT_NAME = "images"
 OUTPUT_NAMES = ["anomaly_map", "score"]
 MODEL_FILE = "model.onnx"
-PARITY_TOLERANCE = 1e-4  # of the anomaly map's value range
+# of the anomaly map's value range. Distances are square roots of ‖q‖² − 2·q·m + ‖m‖², whose float32 rounding
+# (~1e-7 of ‖q‖², a few thousand) is amplified where a patch nearly matches a bank entry: a patch 0.1 from its
+# nearest entry made PatchCore at 512×512 on bottle differ by 1.3e-4 (score 2e-6). A real export fault is far
+# larger; 1e-3 of the range (0.02 on bottle) is below a hundredth of the calibration's σ.
+PARITY_TOLERANCE = 1e-3
 # --opset: torch.onnx's TorchScript exporter writes up to 23 (TensorRT 10.15 reads 9-24, tensorrt_support.json).
 # Every kind exports at 11-23; at 9-10 PatchCore and DFR export but fail parity (Resize semantics), and opset 13
 # is where Reduce*/Split/Squeeze took their current form, so 13 is the lowest offered.
@@ -170,7 +174,7 @@ def parity(model: torch.nn.Module, backend, images: np.ndarray) -> dict:
 
 
 def check_parity(model: torch.nn.Module, bundle: Bundle, images: np.ndarray) -> dict:
-    """ONNX Runtime must reproduce PyTorch: max |Δmap| ≤ 1e-4 of the map's range, and the same for scores."""
+    """ONNX Runtime must reproduce PyTorch: max |Δmap| ≤ 1e-3 of the map's range, and the same for scores."""
     result = parity(model, OrtCpuBackend(bundle), images)
     if not result["relative_diff"] <= PARITY_TOLERANCE:
         raise InspectError(f"export failed its parity check: ONNX Runtime differs from PyTorch by "
