@@ -1,0 +1,51 @@
+"""The pooled greedy coreset against the exact greedy loop on the same real patches: seconds and coverage
+radius (the farthest any patch lies from its nearest bank entry, in the projected space the selection works in
+and in the full feature space), at each input size given.
+
+    python benchmarks/coreset.py --data ../shared/data/mvtec_ad/bottle --size 256 --size 512
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
+from edgeinspect.runtime.images import load_resized
+from edgeinspect.train.patchcore import (PatchCoreConfig, build_patchcore, coverage_radius, extract_patches,
+                                         greedy_coreset, pooled_greedy_coreset, random_projection)
+
+
+def compare(data: str, size: int) -> dict:
+    config = PatchCoreConfig(image_size=(size, size))
+    fit, _ = split_fit_validation(open_dataset(data).good, 0.2, config.seed)
+    images, _ = load_resized(fit, config.image_size)
+    model = build_patchcore(config, torch.zeros(1, 1), torch.zeros(1, 1))
+    with torch.inference_mode():
+        patches = extract_patches(model, images)
+        projected = random_projection(patches, config.projection_dim, config.seed)
+        entries = min(config.coreset_max_entries, round(config.coreset_ratio * len(patches)))
+        result = {"data": data, "size": size, "patches": len(patches), "entries": entries}
+        for name, select in (("pooled", pooled_greedy_coreset), ("exact", greedy_coreset)):
+            clock = time.perf_counter()
+            chosen = select(projected, entries, config.seed)
+            result[name] = {"seconds": round(time.perf_counter() - clock, 1),
+                            "radius_projected": round(coverage_radius(projected, chosen), 3),
+                            "radius_features": round(coverage_radius(patches, chosen), 3)}
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--size", type=int, action="append", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    for size in args.size:
+        print(json.dumps(compare(args.data, size)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
