@@ -78,7 +78,7 @@ def mask_in_box(mask_path: Path | None, image_shape, box, size) -> tuple[np.ndar
     if mask_path is not None:
         mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
         truth[top:top + height, left:left + width] = cv2.resize(mask, (width, height),
-                                                                interpolation=cv2.INTER_NEAREST) > 0
+                                                                interpolation=cv2.INTER_NEAREST_EXACT) > 0
     return truth, inside
 
 
