@@ -32,8 +32,8 @@ def compare(data: str, size: int) -> dict:
             clock = time.perf_counter()
             chosen = select(projected, entries, config.seed)
             result[name] = {"seconds": round(time.perf_counter() - clock, 1),
-                            "radius_projected": round(coverage_radius(projected, chosen), 3),
-                            "radius_features": round(coverage_radius(patches, chosen), 3)}
+                            "radius_projected": round(coverage_radius(projected, projected[chosen]), 3),
+                            "radius_features": round(coverage_radius(patches, patches[chosen]), 3)}
     return result
 
 

@@ -34,7 +34,7 @@ def test_pooled_coreset_still_takes_the_outliers_its_pool_missed():
     assert set(range(20000, 20005)) <= set(chosen.tolist())
     assert len(set(chosen.tolist())) == 48
     exact = greedy_coreset(points, 48, seed=0)
-    assert coverage_radius(points, chosen) <= 1.05 * coverage_radius(points, exact)
+    assert coverage_radius(points, points[chosen]) <= 1.05 * coverage_radius(points, points[exact])
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_pooled_coreset_covers_real_patches_as_well_as_the_exact_one(bottle):
         projected = random_projection(patches, 128, seed=0)
         pooled, exact = pooled_greedy_coreset(projected, 61, seed=0), greedy_coreset(projected, 61, seed=0)
     assert patches.shape[0] > 32 * 61  # the pooled path, not the exact fallback
-    assert coverage_radius(patches, pooled) <= 1.05 * coverage_radius(patches, exact)
+    assert coverage_radius(patches, patches[pooled]) <= 1.05 * coverage_radius(patches, patches[exact])
 
 
 def test_bank_is_bounded_by_max_bank(mvtec_like, tmp_path):

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from edgeinspect.calibration.metrics import auroc
 from edgeinspect.runtime.images import load_resized
 from edgeinspect.train.cli import app as train_app
-from edgeinspect.train.patchcore import bank_neighbours, extract_patches, greedy_coreset, random_projection
+from edgeinspect.train.patchcore import (bank_neighbours, coverage_radius, extract_patches, greedy_coreset,
+                                         random_projection)
 from edgeinspect.train.registry import MODEL_KINDS
 from edgeinspect.train.run import load_run
 
@@ -63,11 +64,6 @@ def scored_images(data: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, np.array([path.parent.name != "good" for path in kept])
 
 
-def coverage_radius(bank: torch.Tensor, patches: torch.Tensor) -> float:
-    """The farthest any patch lies from its nearest bank entry: what the greedy coreset minimises."""
-    return float(torch.cdist(patches.float(), bank.float()).min(dim=1).values.max())
-
-
 @needs_cuda
 def test_projection_coreset_and_neighbours_follow_the_seed_on_the_gpu():
     """The same inputs on both devices: the same projection matrix and first coreset point (both drawn on the
@@ -78,8 +74,8 @@ def test_projection_coreset_and_neighbours_follow_the_seed_on_the_gpu():
     assert on_gpu.is_cuda and torch.allclose(on_gpu.float().cpu(), projected.float(), rtol=1e-2, atol=1e-2)
     chosen, chosen_on_gpu = greedy_coreset(projected, 200, seed=3), greedy_coreset(projected.cuda(), 200, seed=3)
     assert chosen_on_gpu.is_cuda and int(chosen_on_gpu[0]) == int(chosen[0])
-    radius = coverage_radius(projected[chosen], projected)
-    assert coverage_radius(projected[chosen_on_gpu.cpu()], projected) <= 1.05 * radius
+    radius = coverage_radius(projected, projected[chosen])
+    assert coverage_radius(projected, projected[chosen_on_gpu.cpu()]) <= 1.05 * radius
     bank = points[chosen]
     neighbours, neighbours_on_gpu = bank_neighbours(bank, 9), bank_neighbours(bank.cuda(), 9)
     assert neighbours_on_gpu.is_cuda and torch.equal(neighbours_on_gpu[:, 0].cpu(), torch.arange(len(bank)))
@@ -115,7 +111,7 @@ def test_training_on_the_gpu_gives_the_cpus_model_within_run_to_run_noise(mvtec_
         cpu_bank, gpu_bank = cpu_model.memory.bank, gpu_model.memory.bank
         assert gpu_bank.shape == cpu_bank.shape
         assert torch.allclose(gpu_bank[0], cpu_bank[0], rtol=1e-2, atol=1e-2 * float(cpu_bank[0].abs().max()))
-        assert coverage_radius(gpu_bank, patches) <= 1.05 * coverage_radius(cpu_bank, patches)
+        assert coverage_radius(patches, gpu_bank) <= 1.05 * coverage_radius(patches, cpu_bank)
 
     images, defective = scored_images(mvtec_like)
     with torch.no_grad():

@@ -207,9 +207,9 @@ def pooled_greedy_coreset(points: torch.Tensor, size: int, seed: int, pool_facto
     return torch.cat([chosen, rest])
 
 
-def coverage_radius(points: torch.Tensor, chosen: torch.Tensor) -> float:
-    """The farthest any point lies from its nearest chosen point: what a k-center coreset minimises."""
-    return float(squared_distance_to_nearest(points, points[chosen]).max().sqrt())
+def coverage_radius(points: torch.Tensor, centres: torch.Tensor) -> float:
+    """The farthest any point lies from its nearest centre: what a k-center coreset minimises."""
+    return float(squared_distance_to_nearest(points, centres.to(points.device)).max().sqrt())
 
 
 def bank_neighbours(bank: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
