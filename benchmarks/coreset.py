@@ -14,17 +14,19 @@ import torch
 
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
 from edgeinspect.runtime.images import load_resized
-from edgeinspect.train.patchcore import (PatchCoreConfig, build_patchcore, coverage_radius, extract_patches,
-                                         greedy_coreset, pooled_greedy_coreset, random_projection)
+from edgeinspect.train.patchcore import (FeatureProjection, PatchCoreConfig, coverage_radius, extract_patches,
+                                         greedy_coreset, pooled_greedy_coreset, principal_components,
+                                         random_projection, untrained_patchcore)
 
 
 def compare(data: str, size: int) -> dict:
     config = PatchCoreConfig(image_size=(size, size))
     fit, _ = split_fit_validation(open_dataset(data).good, 0.2, config.seed)
     images, _ = load_resized(fit, config.image_size)
-    model = build_patchcore(config, torch.zeros(1, 1), torch.zeros(1, 1))
+    model = untrained_patchcore(config)
     with torch.inference_mode():
         patches = extract_patches(model, images)
+        patches = FeatureProjection(*principal_components(patches, config.feature_dim))(patches)  # as training does
         projected = random_projection(patches, config.projection_dim, config.seed)
         entries = min(config.coreset_max_entries, round(config.coreset_ratio * len(patches)))
         result = {"data": data, "size": size, "patches": len(patches), "entries": entries}

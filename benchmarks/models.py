@@ -75,7 +75,7 @@ def coreset_seconds(run_dir: Path, ratio: float) -> dict:
     """The greedy coreset alone at another ratio, on the same patches."""
     model, run = load_run(run_dir)
     images, _ = load_resized([Path(p) for p in run["data"]["fit"]], tuple(run["config"]["image_size"]))
-    patches = extract_patches(model, images)
+    patches = model.projection(extract_patches(model, images))
     clock = time.perf_counter()
     projected = random_projection(patches, run["config"]["projection_dim"], run["config"]["seed"])
     greedy_coreset(projected, round(ratio * len(patches)), run["config"]["seed"])

@@ -15,9 +15,9 @@ from edgeinspect.calibration.evaluate import read_mask
 from edgeinspect.runtime import datasets
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.images import load_resized, read_image
-from edgeinspect.train.patchcore import (MemoryBank, PatchCoreConfig, bank_neighbours, build_patchcore,
+from edgeinspect.train.patchcore import (MemoryBank, PatchCoreConfig, bank_neighbours,
                                          coverage_radius, extract_patches, greedy_coreset, pooled_greedy_coreset,
-                                         random_projection)
+                                         random_projection, untrained_patchcore)
 from test_layers import resize_then_blur
 
 from conftest import calibrated_bundle
@@ -44,7 +44,7 @@ def test_pooled_coreset_covers_real_patches_as_well_as_the_exact_one(bottle):
     kept: 30.43 against 30.37, in 19 s instead of 59 s; BENCHMARKS.md)."""
     paths = open_dataset(str(bottle)).good[:24]
     images, _ = load_resized(paths, (128, 128))
-    model = build_patchcore(PatchCoreConfig(image_size=(128, 128)), torch.zeros(1, 1), torch.zeros(1, 1))
+    model = untrained_patchcore(PatchCoreConfig(image_size=(128, 128)))
     with torch.inference_mode():
         patches = extract_patches(model, images)
         projected = random_projection(patches, 128, seed=0)
@@ -68,7 +68,7 @@ def test_non_square_map_is_the_nearest_bank_distance_upsampled_and_blurred():
     """PatchCore at 64×160: its anomaly map equals each patch's brute-force nearest-bank distance, resized
     bilinearly to the input and blurred (σ=4), done the obvious way."""
     config = PatchCoreConfig(image_size=(64, 160))
-    model = build_patchcore(config, torch.zeros(1, 1), torch.zeros(1, 1), pretrained=False)
+    model = untrained_patchcore(config, pretrained=False)
     images = torch.randint(0, 256, (2, 64, 160, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         embedding = model.embed(images)

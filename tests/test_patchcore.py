@@ -6,8 +6,10 @@ import torch
 
 from edgeinspect.runtime.console import InspectError
 from edgeinspect.train.backbones import IMAGENET, INCEPTION
-from edgeinspect.train.patchcore import (MemoryBank, PatchCoreConfig, bank_neighbours, build_patchcore, greedy_coreset,
-                                         random_projection)
+from edgeinspect.train.fitting import mean_and_covariance
+from edgeinspect.train.patchcore import (FeatureProjection, MemoryBank, PatchCoreConfig, bank_neighbours,
+                                         greedy_coreset, principal_components, random_projection,
+                                         untrained_patchcore)
 from edgeinspect.train.run import load_run
 
 
@@ -38,6 +40,26 @@ def test_nearest_matches_brute_force_and_is_never_nan():
     assert torch.isfinite(zero).all() and zero.max() < 1e-2
 
 
+def test_projection_is_pca_of_the_training_patches():
+    """Against scikit-learn's PCA on correlated data: the same mean and directions (up to sign), computed over
+    chunks; the projection in the graph gives PCA's coordinates; dim 0 keeps the features as they are."""
+    from sklearn.decomposition import PCA
+
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(5000, 12, generator=generator) @ torch.randn(12, 12, generator=generator) + 3
+    mean, components = principal_components(features, 4)
+    reference = PCA(4).fit(features.double().numpy())
+    assert torch.allclose(mean, torch.from_numpy(reference.mean_), atol=1e-9)
+    assert torch.allclose(components.T.abs(), torch.from_numpy(reference.components_).abs(), atol=1e-6)
+    projected = FeatureProjection(mean, components)(features[None])[0].double()
+    expected = torch.from_numpy(reference.transform(features.double().numpy()))
+    assert torch.allclose(projected.abs(), expected.abs(), atol=1e-3)
+    chunked_mean, chunked = mean_and_covariance(features, chunk=777)
+    assert torch.allclose(chunked, mean_and_covariance(features)[1]) and torch.allclose(chunked_mean, mean)
+    identity = FeatureProjection(*principal_components(features, 0))
+    assert torch.equal(identity(features), features)
+
+
 def test_bank_neighbours_put_each_entry_first_then_its_nearest():
     bank = torch.tensor([[0.0], [1.0], [10.0], [11.5]])
     assert bank_neighbours(bank, 2).tolist() == [[0, 1], [1, 0], [2, 3], [3, 2]]
@@ -56,8 +78,7 @@ def test_image_score_is_the_papers_reweighted_maximum():
 
 @pytest.mark.parametrize("choice, expected", [("imagenet", IMAGENET), ("backbone", INCEPTION)])
 def test_input_normalization_is_imagenet_or_what_the_weights_expect(choice, expected):
-    model = build_patchcore(PatchCoreConfig(normalization=choice), torch.zeros(1, 1), torch.zeros(1, 1),
-                            pretrained=False)
+    model = untrained_patchcore(PatchCoreConfig(normalization=choice), pretrained=False)
     assert model.image_input.normalization == expected
     with pytest.raises(InspectError, match="--normalization 'lab'"):
         PatchCoreConfig(normalization="lab")

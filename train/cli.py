@@ -83,10 +83,12 @@ def train_and_report(kind: str, config, data: str, out: Path, val_fraction: floa
 def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
               image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0,
               coreset_ratio: Annotated[float, typer.Option("--coreset-ratio", help="Fraction of patches kept in the "
-                                                                                   "memory bank.")] = 0.01,
+                                                                                   "memory bank.")] = 0.1,
               max_bank: Annotated[int, typer.Option("--max-bank", help="Most entries in the memory bank, whatever "
                                                     "the patch count (bounds the per-frame cost at large sizes).")
-                                  ] = 1536,
+                                  ] = 3648,
+              feature_dim: Annotated[int, typer.Option("--feature-dim", help="Principal components of the patch "
+                                                       "features kept for the bank (0: every channel).")] = 64,
               normalization: Annotated[str, typer.Option(
                   "--normalization", help="Input normalisation: backbone (what its weights were trained with) or "
                                           "imagenet (ImageNet statistics, whatever the backbone).")
@@ -95,7 +97,8 @@ def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0"
     from edgeinspect.train.patchcore import PatchCoreConfig
 
     config = PatchCoreConfig(backbone=backbone, image_size=parse_size(image_size), coreset_ratio=coreset_ratio,
-                             coreset_max_entries=max_bank, seed=seed, normalization=normalization)
+                             coreset_max_entries=max_bank, feature_dim=feature_dim, seed=seed,
+                             normalization=normalization)
     train_and_report("patchcore", config, data, out, val_fraction, weights, device, overwrite)
 
 

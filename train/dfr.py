@@ -16,7 +16,7 @@ from edgeinspect.runtime.console import InspectError
 from .backbones import FeatureExtractor, Normalization, create_feature_extractor
 from .configs import GradientConfig
 from .devices import CPU
-from .fitting import fit_by_gradient, map_in_batches
+from .fitting import fit_by_gradient, map_in_batches, mean_and_covariance
 from .layers import ImageInput, MapToImage, upsample
 
 
@@ -90,8 +90,7 @@ class FeatureAutoencoder(nn.Module):
 
 def latent_for_variance(features: torch.Tensor, variance_kept: float) -> int:
     """The number of principal components of features (N, C) that keep `variance_kept` of their variance."""
-    centred = features.double() - features.double().mean(0)
-    eigenvalues = torch.linalg.eigvalsh(centred.T @ centred).flip(0).clamp_min(0)
+    eigenvalues = torch.linalg.eigvalsh(mean_and_covariance(features)[1]).flip(0).clamp_min(0)
     kept = torch.cumsum(eigenvalues, 0) / eigenvalues.sum()
     return int(torch.searchsorted(kept, torch.tensor(variance_kept - 1e-12, dtype=kept.dtype, device=kept.device))) + 1
 

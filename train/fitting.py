@@ -105,3 +105,14 @@ def fit_by_gradient(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimiz
         model.load_state_dict(best_state)
     summary["train_s"], summary["validation_s"] = round(summary["train_s"], 2), round(summary["validation_s"], 2)
     return summary
+
+
+def mean_and_covariance(features: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (C,) and summed centred outer products (C, C) of features (N, C), in float64 over chunks of rows on the
+    features' device (a million patches never need a float64 copy at once)."""
+    mean = sum(features[i:i + chunk].double().sum(0) for i in range(0, len(features), chunk)) / len(features)
+    covariance = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64, device=features.device)
+    for start in range(0, len(features), chunk):
+        block = features[start:start + chunk].double() - mean
+        covariance += block.T @ block
+    return mean, covariance
