@@ -1,6 +1,6 @@
 """PatchCore's choices measured on several data sets in PyTorch (no export): backbone, stages, input size,
-input normalisation, aspect ratio (stretch or letterbox), the bank's size and the coreset selection (pooled, or
-the exact greedy loop). Used to pick the defaults; the defaults themselves are then measured through the
+input normalisation, aspect ratio (stretch or letterbox), the principal components kept, the bank's size and the
+coreset selection (pooled, or the exact greedy loop). Used to pick the defaults; the defaults themselves are then measured through the
 exported bundle by benchmarks/datasets.py.
 
 Each setting is one argument of comma-separated key=value pairs over the defaults, e.g.
@@ -37,8 +37,8 @@ from edgeinspect.train.patchcore import PatchCoreConfig
 
 KEYS = {"coreset": str, "backbone": str, "strides": lambda v: tuple(int(s) for s in v.split("-")),
         "size": lambda v: tuple(int(s) for s in v.split("x")), "normalization": str, "ratio": float,
-        "max_entries": int, "resize": str}
-FIELDS = {"size": "image_size", "ratio": "coreset_ratio", "max_entries": "coreset_max_entries"}
+        "max_entries": int, "resize": str, "dim": int}
+FIELDS = {"size": "image_size", "ratio": "coreset_ratio", "max_entries": "coreset_max_entries", "dim": "feature_dim"}
 
 
 def parse_setting(text: str) -> tuple[dict, str, str]:
@@ -137,7 +137,7 @@ TABLE = ("<!-- choices table: begin -->", "<!-- choices table: end -->")
 
 def choices_table(results: list[dict]) -> str:
     head = ["data set", "backbone", "stages (strides)", "input", "normalisation", "aspect", "coreset",
-            "bank entries", "image AUROC", "pixel AUROC", "AUPRO", "image AUROC per defect type", "fit s"]
+            "feature dim", "bank entries", "image AUROC", "pixel AUROC", "AUPRO", "image AUROC per defect type", "fit s"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         c = r["config"]
@@ -145,7 +145,7 @@ def choices_table(results: list[dict]) -> str:
         rows.append("| " + " | ".join([
             r["data"], c["backbone"].replace("tf_efficientnet_", ""), "-".join(map(str, c["strides"])),
             "×".join(map(str, c["image_size"])), c["normalization"], r["resize"], r.get("coreset", "pooled"),
-            str(r["bank"]["entries"]), f"{r['image_auroc']:.3f}",
+            str(r["bank"]["dim"]), str(r["bank"]["entries"]), f"{r['image_auroc']:.3f}",
             *["-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("pixel_auroc", "aupro")], per_type,
             f"{r['fit_s']:.0f}"]) + " |")
     return "\n".join(rows)
