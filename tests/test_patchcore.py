@@ -92,3 +92,23 @@ def test_run_from_before_the_setting_keeps_the_normalization_it_was_fitted_with(
     (run_dir / "run.json").write_text(json.dumps(record))
     model, _ = load_run(run_dir)
     assert model.image_input.normalization == INCEPTION
+
+
+def test_a_run_from_before_the_principal_components_still_loads(mvtec_like, tmp_path):
+    """model.pt of older runs has no projection: restored, it compares every channel with the bank, as before
+    (same map and score as the run with --feature-dim 0 it is made from)."""
+    from typer.testing import CliRunner
+
+    from edgeinspect.train.cli import app
+
+    result = CliRunner().invoke(app, ["patchcore", "--data", str(mvtec_like), "--out", str(tmp_path), "--image-size",
+                                      "64", "--feature-dim", "0"])
+    assert result.exit_code == 0, result.output
+    model, _ = load_run(tmp_path)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("projection.")}, tmp_path / "model.pt")
+    old, _ = load_run(tmp_path)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        (new_map, new_score), (old_map, old_score) = model(images), old(images)
+    assert old.memory.bank.shape[1] == 152 and torch.equal(new_map, old_map) and torch.equal(new_score, old_score)

@@ -41,6 +41,9 @@ def test_graph_takes_uint8_and_scores_with_matmul_and_min_over_a_constant_bank(b
     bank_products = [node for node in graph.node if node.op_type == "Gemm"
                      and constants.get(node.input[1]) == [bank["dim"], bank["entries"]]]
     assert len(bank_products) == 2  # every patch against the bank, then the worst patch again
+    # the bank holds the patches' first 64 principal components: one MatMul by the (152, 64) directions first
+    assert bank["dim"] == 64 and any(node.op_type == "MatMul" and constants.get(node.input[1]) == [152, 64]
+                                     for node in graph.node)
     assert record["export"]["parity"]["relative_diff"] <= 1e-4
 
 

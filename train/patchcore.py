@@ -269,6 +269,8 @@ def untrained_patchcore(config: PatchCoreConfig, weights=None, pretrained: bool 
 
 
 def restore_patchcore(config: PatchCoreConfig, state: dict) -> PatchCore:
+    if "projection.weight" not in state:  # a run from before the principal components: every channel
+        state = {**state, "projection.weight": torch.zeros(1, 0), "projection.bias": torch.zeros(0)}
     projection = FeatureProjection(torch.zeros(state["projection.weight"].shape[0]), state["projection.weight"])
     memory = MemoryBank(state["memory.bank"], state["memory.neighbours"])
     model = build_patchcore(config, projection, memory, pretrained=False)
