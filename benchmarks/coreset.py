@@ -14,9 +14,9 @@ import torch
 
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
 from edgeinspect.runtime.images import load_resized
-from edgeinspect.train.patchcore import (FeatureProjection, PatchCoreConfig, coverage_radius, extract_patches,
-                                         greedy_coreset, pooled_greedy_coreset, principal_components,
-                                         random_projection, untrained_patchcore)
+from edgeinspect.train.patchcore import (PatchCoreConfig, coverage_radius, extract_patches, fit_projection,
+                                         greedy_coreset, pooled_greedy_coreset, random_projection,
+                                         untrained_patchcore)
 
 
 def compare(data: str, size: int) -> dict:
@@ -26,7 +26,7 @@ def compare(data: str, size: int) -> dict:
     model = untrained_patchcore(config)
     with torch.inference_mode():
         patches = extract_patches(model, images)
-        patches = FeatureProjection(*principal_components(patches, config.feature_dim))(patches)  # as training does
+        patches = fit_projection(patches, config.feature_dim)(patches)  # as training does
         projected = random_projection(patches, config.projection_dim, config.seed)
         entries = min(config.coreset_max_entries, round(config.coreset_ratio * len(patches)))
         result = {"data": data, "size": size, "patches": len(patches), "entries": entries}

@@ -137,7 +137,7 @@ TABLE = ("<!-- choices table: begin -->", "<!-- choices table: end -->")
 
 def choices_table(results: list[dict]) -> str:
     head = ["data set", "backbone", "stages (strides)", "input", "normalisation", "aspect", "coreset",
-            "feature dim", "bank entries", "image AUROC", "pixel AUROC", "AUPRO", "image AUROC per defect type", "fit s"]
+            "bank dim (channels or components)", "bank entries", "image AUROC", "pixel AUROC", "AUPRO", "image AUROC per defect type", "fit s"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         c = r["config"]

@@ -86,11 +86,17 @@ class FeatureProjection(nn.Module):
 
 def principal_components(patches: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (C,) and the first `dim` principal directions (C, dim) of patches (N, C), largest variance first, on
-    the patches' device. dim 0 (or ≥ C): none, every channel is kept."""
+    the patches' device. dim 0 (or ≥ C): no directions (and no covariance computed), every channel is kept."""
+    channels = patches.shape[1]
+    if not 0 < dim < channels:
+        return torch.zeros(channels, device=patches.device), torch.zeros(channels, 0, device=patches.device)
     mean, covariance = mean_and_covariance(patches)
-    if not 0 < dim < patches.shape[1]:
-        return mean, torch.zeros(patches.shape[1], 0, device=patches.device)
     return mean, torch.linalg.eigh(covariance)[1][:, -dim:].flip(1)  # eigh: ascending eigenvalues
+
+
+def fit_projection(patches: torch.Tensor, dim: int) -> FeatureProjection:
+    """The projection training puts before the bank, fitted on patches (N, C), on their device."""
+    return FeatureProjection(*principal_components(patches, dim)).to(patches.device)
 
 
 class MemoryBank(nn.Module):
@@ -284,17 +290,17 @@ def fit_patchcore(config: PatchCoreConfig, fit_images: np.ndarray, validation_im
     """Memory bank from the fit images (no gradient training, so the validation images are not needed); the
     features, the coreset and the bank's neighbours are computed on `device`."""
     model = untrained_patchcore(config, weights).to(device)
+    if config.feature_dim > model.embedding.dim:  # before the features are computed, not after
+        raise InspectError(f"--feature-dim {config.feature_dim} is more than the {model.embedding.dim} channels of "
+                           f"{config.backbone} at strides {config.strides}; give at most that, or 0 for all")
     timings = {}
     task = bar.add_task("patch features", total=len(fit_images))
     clock = time.perf_counter()
     patches = extract_patches(model, fit_images, progress=lambda n: bar.advance(task, n), device=device)
     timings["features_s"] = elapsed_s(clock, device)
 
-    if config.feature_dim > patches.shape[1]:
-        raise InspectError(f"--feature-dim {config.feature_dim} is more than the {patches.shape[1]} channels of "
-                           f"{config.backbone} at strides {config.strides}; give at most that, or 0 for all")
     clock = time.perf_counter()
-    model.projection = FeatureProjection(*principal_components(patches, config.feature_dim)).to(device)
+    model.projection = fit_projection(patches, config.feature_dim)
     patches = model.projection(patches)
     timings["projection_s"] = elapsed_s(clock, device)
 
