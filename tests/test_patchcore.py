@@ -38,6 +38,8 @@ def test_nearest_matches_brute_force_and_is_never_nan():
     assert torch.allclose(distances, brute.min(-1).values, atol=1e-4)
     zero = memory.distances(bank[:5][None])
     assert torch.isfinite(zero).all() and zero.max() < 1e-2
+    memory.block_rows = 20  # blocks of 20, 20 and 10 patches give the same distances
+    assert torch.equal(memory.distances(queries), distances)
 
 
 def test_projection_is_pca_of_the_training_patches():

@@ -104,34 +104,55 @@ class MemoryBank(nn.Module):
 
     Squared distances are ‖q‖² − 2·q·Mᵀ + ‖m‖²: one Gemm (the −2·Mᵀ product with ‖m‖² as its bias) and a Min
     over the bank, with ‖q‖² added after the Min (it is the same for every entry) and a clamp at 0 before the
-    square root, so the exported graph never materialises an N×M×C tensor and makes one pass over the N×M
-    matrix. `neighbours` holds, for each bank entry, the indices of its nearest entries in the bank (itself
-    first), computed at training time.
+    square root, so the exported graph never materialises an N×M×C tensor. The patches go through in blocks
+    whose N×M distances (about 2 MB) stay in the CPU's cache between the Gemm and the Min: on 2 cores, 3,648
+    entries, ONNX Runtime, 8.2 against 11.1 ms for 1,024 patches and 32 against 51 ms for 4,096 (BENCHMARKS.md).
+    `neighbours` holds, for each bank entry, the indices of its nearest entries in the bank (itself first),
+    computed at training time.
     """
 
     def __init__(self, bank: torch.Tensor, neighbours: torch.Tensor):
         super().__init__()
         self.register_buffer("bank", bank.float().contiguous())
         self.register_buffer("neighbours", neighbours.long().contiguous())
-        self.register_buffer("bank_sq_norm", (self.bank**2).sum(1), persistent=False)
-        self.register_buffer("minus_twice_bank_t", (-2 * self.bank.T).contiguous(), persistent=False)
+        # patches per block: the power of two whose distances to the bank fill about 2 MB (128 for 3,648 entries)
+        self.block_rows = 1 << max(0, ((1 << 19) // len(bank)).bit_length() - 1)
 
-    def partial_squared(self, queries: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (B, P, C) → each patch's distance to its nearest bank entry (B, P) and the image score (B,)."""
+        terms = self.search_terms()
+        distances = self.distances(queries, terms)
+        return distances, self.image_score(queries, distances, terms)
+
+    def search_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """−2·Mᵀ and ‖m‖², computed from the bank once per call: in the exported graph each folds into one
+        constant that every block's Gemm shares (a buffer would be copied into each of them)."""
+        return -2 * self.bank.T, (self.bank**2).sum(1)
+
+    @staticmethod
+    def partial_squared(queries: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """queries (N, C) → ‖m‖² − 2·q·m for every bank entry (N, M): the squared distance less ‖q‖²."""
-        return torch.addmm(self.bank_sq_norm, queries, self.minus_twice_bank_t)
+        minus_twice_bank_t, bank_sq_norm = terms
+        return torch.addmm(bank_sq_norm, queries, minus_twice_bank_t)
 
-    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+    def distances(self, queries: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """queries (B, P, C) → distance of each to its nearest bank entry (B, P)."""
-        flat = queries.reshape(-1, queries.shape[-1])
-        squared = torch.amin(self.partial_squared(flat), dim=1) + (flat**2).sum(1)
-        return squared.clamp_min(0).sqrt().view(queries.shape[:2])
+        terms = terms or self.search_terms()
+        patches, channels, rows = int(queries.shape[1]), int(queries.shape[2]), self.block_rows
+        blocks = []
+        for start in range(0, patches, rows):  # sliced with constant bounds, so the graph needs no shape arithmetic
+            flat = queries[:, start:start + rows].reshape(-1, channels)
+            squared = torch.amin(self.partial_squared(flat, terms), dim=1) + (flat**2).sum(1)
+            blocks.append(squared.clamp_min(0).sqrt().view(-1, min(rows, patches - start)))
+        return torch.cat(blocks, dim=1)
 
-    def image_score(self, queries: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    def image_score(self, queries: torch.Tensor, distances: torch.Tensor,
+                    terms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """s = (1 − softmax over the neighbourhood of m* of ‖q* − m‖, taken at m*) · s*, for the worst patch q*
         and its nearest bank entry m* (searched again for that one patch rather than kept for all of them)."""
         score, worst = distances.max(dim=1)
         worst_query = queries.gather(1, worst.view(-1, 1, 1).expand(-1, 1, queries.shape[-1]))[:, 0]
-        worst_nearest = self.partial_squared(worst_query).argmin(dim=1)
+        worst_nearest = self.partial_squared(worst_query, terms or self.search_terms()).argmin(dim=1)
         support = self.bank[self.neighbours[worst_nearest]]
         support_distances = ((support - worst_query[:, None]) ** 2).sum(-1).clamp_min(0).sqrt()
         weight = 1 - torch.softmax(support_distances, dim=1)[:, 0]
@@ -159,8 +180,7 @@ class PatchCore(nn.Module):
         embedding = self.embed(images)
         batch, _, height, width = embedding.shape
         queries = self.projection(embedding.flatten(2).transpose(1, 2))
-        distances = self.memory.distances(queries)
-        score = self.memory.image_score(queries, distances)
+        distances, score = self.memory(queries)
         patch_map = distances.view(batch, 1, height, width)
         return self.to_image(patch_map, images.shape[1:3]), score
 
