@@ -139,12 +139,11 @@ class MemoryBank(nn.Module):
         """queries (B, P, C) → distance of each to its nearest bank entry (B, P)."""
         terms = terms or self.search_terms()
         patches, channels, rows = int(queries.shape[1]), int(queries.shape[2]), self.block_rows
-        blocks = []
+        nearest = []
         for start in range(0, patches, rows):  # sliced with constant bounds, so the graph needs no shape arithmetic
-            flat = queries[:, start:start + rows].reshape(-1, channels)
-            squared = torch.amin(self.partial_squared(flat, terms), dim=1) + (flat**2).sum(1)
-            blocks.append(squared.clamp_min(0).sqrt().view(-1, min(rows, patches - start)))
-        return torch.cat(blocks, dim=1)
+            block = queries[:, start:start + rows].reshape(-1, channels)
+            nearest.append(torch.amin(self.partial_squared(block, terms), dim=1).view(-1, min(rows, patches - start)))
+        return (torch.cat(nearest, dim=1) + (queries**2).sum(-1)).clamp_min(0).sqrt()
 
     def image_score(self, queries: torch.Tensor, distances: torch.Tensor,
                     terms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
