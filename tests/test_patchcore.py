@@ -96,6 +96,28 @@ def test_run_from_before_the_setting_keeps_the_normalization_it_was_fitted_with(
     assert model.image_input.normalization == INCEPTION
 
 
+def test_image_score_is_the_maximum_of_the_anomaly_map_or_the_reweighted_distance(patchcore_bundle, tmp_path):
+    """Today's runs score an image by the highest value of the map the operator sees; a run.json from before the
+    setting (no image_score key) keeps the reweighted score it was calibrated with."""
+    model, _ = load_run(patchcore_bundle.parent)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        anomaly_map, score = model(images)
+        assert torch.equal(score, anomaly_map.amax(dim=(1, 2, 3)))
+        run_dir = shutil.copytree(patchcore_bundle.parent, tmp_path / "run", ignore=shutil.ignore_patterns("bundle"))
+        record = json.loads((run_dir / "run.json").read_text())
+        del record["config"]["image_score"]
+        (run_dir / "run.json").write_text(json.dumps(record))
+        old, _ = load_run(run_dir)
+        old_map, old_score = old(images)
+        queries = old.projection(old.embed(images).flatten(2).transpose(1, 2))
+        reweighted = old.memory.image_score(queries, old.memory.distances(queries))
+    assert old.image_score == "reweighted" and torch.equal(old_map, anomaly_map)
+    assert torch.allclose(old_score, reweighted) and not torch.allclose(old_score, score)
+    with pytest.raises(InspectError, match="--image-score 'mean'"):
+        PatchCoreConfig(image_score="mean")
+
+
 def test_a_run_from_before_the_principal_components_still_loads(mvtec_like, tmp_path):
     """model.pt of older runs has no projection: restored, it compares every channel with the bank, as before
     (same map and score as the run with --feature-dim 0 it is made from)."""

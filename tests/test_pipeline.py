@@ -40,7 +40,8 @@ def test_graph_takes_uint8_and_scores_with_matmul_and_min_over_a_constant_bank(b
     constants.update({node.output[0]: list(node.attribute[0].t.dims) for node in graph.node if node.op_type == "Constant"})
     bank_products = [node for node in graph.node if node.op_type == "Gemm"
                      and constants.get(node.input[1]) == [bank["dim"], bank["entries"]]]
-    assert len(bank_products) == 2  # every patch against the bank, then the worst patch again
+    assert len(bank_products) == 1  # 64 patches, one block; the score is the map's maximum, no second search
+    assert any(node.op_type == "ReduceMax" and node.input[0] == "anomaly_map" for node in graph.node)
     # the bank holds the patches' first 64 principal components: one MatMul by the (152, 64) directions first
     assert bank["dim"] == 64 and any(node.op_type == "MatMul" and constants.get(node.input[1]) == [152, 64]
                                      for node in graph.node)

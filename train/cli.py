@@ -92,13 +92,17 @@ def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0"
               normalization: Annotated[str, typer.Option(
                   "--normalization", help="Input normalisation: backbone (what its weights were trained with) or "
                                           "imagenet (ImageNet statistics, whatever the backbone).")
-              ] = "backbone", device: Device = "auto", overwrite: Overwrite = False):
+              ] = "backbone",
+              image_score: Annotated[str, typer.Option(
+                  "--image-score", help="The image's score: map-max (the highest value of its anomaly map) or "
+                                        "reweighted (the PatchCore paper's reweighted worst-patch distance).")
+              ] = "map-max", device: Device = "auto", overwrite: Overwrite = False):
     """PatchCore: a memory bank of pretrained patch features; anomaly = distance to the nearest good patch."""
     from edgeinspect.train.patchcore import PatchCoreConfig
 
     config = PatchCoreConfig(backbone=backbone, image_size=parse_size(image_size), coreset_ratio=coreset_ratio,
                              coreset_max_entries=max_bank, feature_dim=feature_dim, seed=seed,
-                             normalization=normalization)
+                             normalization=normalization, image_score=image_score)
     train_and_report("patchcore", config, data, out, val_fraction, weights, device, overwrite)
 
 

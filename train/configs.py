@@ -11,6 +11,10 @@ from edgeinspect.runtime.console import InspectError
 class ModelConfig:
     """Base of every model's configuration; JSON lists come back as tuples and unknown keys are refused."""
 
+    # setting → what a run.json without it (written before the setting existed) was fitted with; the others
+    # take today's default
+    missing_means: typing.ClassVar[dict] = {}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -21,7 +25,7 @@ class ModelConfig:
         unknown = sorted(set(record) - names)
         if unknown:
             raise InspectError(f"{cls.__name__}: unknown setting(s) {', '.join(unknown)} (made by a newer version?)")
-        values = {}
+        values = {key: value for key, value in cls.missing_means.items() if key not in record}
         for key, value in record.items():
             is_tuple = typing.get_origin(hints[key]) is tuple
             values[key] = tuple(value) if is_tuple else value
