@@ -48,8 +48,9 @@ class PatchCoreConfig(ModelConfig):
     # is 0.005 lower (BENCHMARKS.md, "Choosing PatchCore's defaults")
     normalization: str = "backbone"
     # the image's score: the highest value of its (smoothed, full-size) anomaly map, what the operator sees; or the
-    # paper's reweighted worst-patch distance. Through the bundle, magnetic_tile image AUROC 0.944 against 0.929,
-    # bottle 1.000 both, solar cells 0.947 against 0.948 (BENCHMARKS.md)
+    # paper's reweighted worst-patch distance. Through the bundle, magnetic_tile image AUROC 0.935 against 0.929
+    # (0.910 against 0.895 at 512×512), solar cells 0.947 against 0.948 (0.943 against 0.936), bottle equal
+    # (BENCHMARKS.md, "Choosing PatchCore's defaults")
     image_score: str = "map-max"
     missing_means: typing.ClassVar[dict] = {"image_score": "reweighted", "feature_dim": 0}
 
@@ -117,7 +118,8 @@ class MemoryBank(nn.Module):
     over the bank, with ‖q‖² added after the Min (it is the same for every entry) and a clamp at 0 before the
     square root, so the exported graph never materialises an N×M×C tensor. The patches go through in blocks
     whose N×M distances (about 2 MB) stay in the CPU's cache between the Gemm and the Min: on 2 cores, 3,648
-    entries, ONNX Runtime, 8.2 against 11.1 ms for 1,024 patches and 32 against 51 ms for 4,096 (BENCHMARKS.md).
+    entries, ONNX Runtime, 8.4 against 10.1 ms for 1,024 patches and 33 against 46 ms for 4,096 in one block
+    (benchmarks/bank_search.py).
     `neighbours` holds, for each bank entry, the indices of its nearest entries in the bank (itself first),
     computed at training time.
     """
