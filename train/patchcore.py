@@ -1,6 +1,7 @@
 """PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection"), one piece per step:
 locally aware patch features → their principal components → greedy coreset memory bank → nearest-neighbour
-distances → reweighted image score and a smoothed anomaly map. The whole forward pass exports to one ONNX graph."""
+distances → a smoothed anomaly map and the image score (the map's maximum, or the paper's reweighting). The
+whole forward pass exports to one ONNX graph."""
 
 import time
 import typing
