@@ -53,7 +53,8 @@ class PatchCoreConfig(ModelConfig):
     # (0.910 against 0.895 at 512×512), solar cells 0.947 against 0.948 (0.943 against 0.936), bottle equal
     # (BENCHMARKS.md, "Choosing PatchCore's defaults")
     image_score: str = "map-max"
-    missing_means: typing.ClassVar[dict] = {"image_score": "reweighted", "feature_dim": 0}
+    # (a run without a projection in model.pt keeps every channel: restore_patchcore reads that from the state)
+    missing_means: typing.ClassVar[dict] = {"image_score": "reweighted"}
 
     def __post_init__(self):
         if self.normalization not in INPUT_NORMALIZATIONS:
