@@ -19,6 +19,7 @@ import torch
 
 from models import update_benchmarks_md
 
+from edgeinspect.runtime.backends import openvino_config, ort_session_options
 from edgeinspect.runtime.bench import interleaved_median_ms
 from edgeinspect.train.patchcore import MemoryBank, bank_neighbours
 
@@ -44,18 +45,15 @@ def export(memory: MemoryBank, patches: int, path: Path) -> Path:
 
 
 def sessions(path: Path, threads: int) -> dict:
-    """Callables taking the queries, one per CPU backend installed here."""
+    """Callables taking the queries, one per CPU backend installed here, set up as the runtime sets them up."""
     import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    ort_session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ort_session = ort.InferenceSession(str(path), ort_session_options(ort, threads), providers=["CPUExecutionProvider"])
     result = {"ort-cpu": lambda q: ort_session.run(None, {"queries": q})}
     try:
         import openvino
     except ImportError:
         return result
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-    request = openvino.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    request = openvino.Core().compile_model(str(path), "CPU", openvino_config(threads)).create_infer_request()
     result["openvino"] = lambda q: request.infer({0: q})
     return result
 

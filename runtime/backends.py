@@ -22,6 +22,23 @@ class BackendUnavailable(InspectError):
     """This backend cannot run here (a library, a device or an engine is missing)."""
 
 
+def ort_session_options(ort, threads: int | None):
+    """ONNX Runtime's CPU session settings of every backend here (and of the benchmarks that time graphs alone)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # idle worker threads sleep instead of spinning: the capture thread and the resize share these cores
+    # (+33% frames/s through inspect-run on 2 cores, same latency alone; see BENCHMARKS.md)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def openvino_config(threads: int | None) -> dict:
+    """OpenVINO's CPU settings, likewise shared: fp32 arithmetic (see OpenVinoBackend), tuned for latency."""
+    return {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1}
+
+
 class OrtBackend:
     """ONNX Runtime with one execution provider. GPU sessions never fall back to the CPU silently (ONNX
     Runtime's Python session otherwise retries on the CPU, at creation and inside run(), and keeps its name);
@@ -44,12 +61,7 @@ class OrtBackend:
                                      "pip install 'edge-inspect[gpu]')")
         if self.provider_library:
             _preload_gpu_libraries(ort, self.provider_library, self.libraries_hint)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # idle worker threads sleep instead of spinning: the capture thread and the resize share these cores
-        # (+33% frames/s through inspect-run on 2 cores, same latency alone; see BENCHMARKS.md)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = ort_session_options(ort, threads)
         model_file = bundle.model_file
         if self.prefers_fp16 and bundle.record.get("fp16_model_file"):
             model_file = bundle.path / bundle.record["fp16_model_file"]
@@ -160,8 +172,7 @@ class OpenVinoBackend:
         except ImportError:
             raise BackendUnavailable("openvino is not installed (pip install openvino)") from None
         self.core = openvino.Core()
-        self.config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1}
+        self.config = openvino_config(threads)
         self.output_names = bundle.record["outputs"]
         self.requests = {}
         try:  # compiled for batch 1 now, so that a graph OpenVINO cannot run falls back to ONNX Runtime
