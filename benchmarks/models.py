@@ -25,7 +25,6 @@ from edgeinspect.runtime.bench import interleaved_median_ms
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.images import load_resized
-from edgeinspect.train.patchcore import extract_patches, greedy_coreset, random_projection
 from edgeinspect.train.registry import MODEL_KINDS
 from edgeinspect.train.run import load_run
 
@@ -71,17 +70,6 @@ def latencies(model, bundle, threads: int) -> dict:
     return result
 
 
-def coreset_seconds(run_dir: Path, ratio: float) -> dict:
-    """The greedy coreset alone at another ratio, on the same patches."""
-    model, run = load_run(run_dir)
-    images, _ = load_resized([Path(p) for p in run["data"]["fit"]], tuple(run["config"]["image_size"]))
-    patches = model.projection(extract_patches(model, images))
-    clock = time.perf_counter()
-    projected = random_projection(patches, run["config"]["projection_dim"], run["config"]["seed"])
-    greedy_coreset(projected, round(ratio * len(patches)), run["config"]["seed"])
-    return {"ratio": ratio, "patches": len(patches), "seconds": round(time.perf_counter() - clock, 1)}
-
-
 def benchmark(kind: str, data: str, work: Path, threads: int, extra: list[str], reuse_run: bool) -> dict:
     run_dir = work / kind
     if reuse_run and (run_dir / "run.json").is_file():
@@ -104,8 +92,6 @@ def benchmark(kind: str, data: str, work: Path, threads: int, extra: list[str], 
         "latency_ms": latencies(model, bundle, threads),
         "bundle_mb": round(sum(f["bytes"] for f in bundle.record["files"].values()) / 1e6, 1),
     }
-    if kind == "patchcore":
-        result["coreset_10_percent"] = coreset_seconds(run_dir, 0.1)
     if "training" in run:
         result["run"]["training"].pop("history")
     return result

@@ -124,9 +124,7 @@ def run(
     positive_finite(keep_days, "--keep-days")
     positive_finite(mqtt_heartbeat, "--mqtt-heartbeat")
     max_bytes = parse_bytes(max_disk, "--max-disk") if max_disk else None
-    rotate_daily = log_rotate == "daily"
-    rotate_bytes = None if rotate_daily or not (log_rotate or max_bytes) else (
-        parse_bytes(log_rotate, "--log-rotate") if log_rotate else max(max_bytes // 10, 4096))
+    rotate_bytes, rotate_daily = log_rotation(log_rotate, max_bytes)
     bundle = load_bundle(bundle_dir)
     if bundle.thresholds is None:
         warn(f"{bundle_dir} is not calibrated: scores only, no verdicts (run inspect-calibrate)")
@@ -182,15 +180,7 @@ def run(
         try:
             with stop_on_signals(stop):
                 grabbers.start()
-                while not stop.is_set():
-                    taken = grabbers.take(count)
-                    if not taken:
-                        break
-                    if max_frames:
-                        taken = taken[:max_frames - stats.frames - stats.skipped]
-                    frame_loop.inspect(taken)
-                    if max_frames and stats.frames + stats.skipped >= max_frames:
-                        break
+                inspect_until_done(grabbers, frame_loop, stop, count, max_frames)
         finally:
             stop.set()
             grabbers.join(timeout=5)
@@ -200,6 +190,35 @@ def run(
             write_summary(out / "summary.json", result)
     if grabbers.error is not None and not isinstance(grabbers.error, KeyboardInterrupt):
         raise grabbers.error
+    report(result, out, sources)
+
+
+def log_rotation(log_rotate: str | None, max_bytes: int | None) -> tuple[int | None, bool]:
+    """(bytes at which inspections.jsonl rotates or None, daily): --log-rotate, else a tenth of --max-disk."""
+    if log_rotate == "daily":
+        return None, True
+    if log_rotate:
+        return parse_bytes(log_rotate, "--log-rotate"), False
+    return (max(max_bytes // 10, 4096) if max_bytes else None), False
+
+
+def inspect_until_done(grabbers: Grabbers, frame_loop: "FrameLoop", stop: threading.Event, count: int,
+                       max_frames: int) -> None:
+    """Take up to `count` frames at a time and inspect them, until the sources end, a signal or --max-frames."""
+    stats = frame_loop.stats
+    while not stop.is_set():
+        taken = grabbers.take(count)
+        if not taken:
+            return
+        if max_frames:
+            taken = taken[:max_frames - stats.frames - stats.skipped]
+        frame_loop.inspect(taken)
+        if max_frames and stats.frames + stats.skipped >= max_frames:
+            return
+
+
+def report(result: dict, out: Path, sources: list[str]) -> None:
+    """The run's last console line; a run that read no frame at all is an error, with where the reasons are."""
     total = result.get("total_ms", {})
     console.print(f"{result['frames']} frames, {result['ng']} NG, {result['skipped']} skipped, {result['dropped']} "
                   f"dropped, {result['reconnects']} reconnects, {result['fps']:.1f} frames/s; latency p50 "
