@@ -1,6 +1,7 @@
 """The pooled greedy coreset against the exact greedy loop on the same real patches: seconds and coverage
-radius (the farthest any patch lies from its nearest bank entry, in the projected space the selection works in
-and in the full feature space), at each input size given.
+radius (the farthest any patch lies from its nearest bank entry, in the space the selection works in and in the
+bank's feature space: the same space at the defaults, whose 64 principal components need no random projection),
+at each input size given.
 
     python benchmarks/coreset.py --data ../shared/data/mvtec_ad/bottle --size 256 --size 512
 """

@@ -20,7 +20,7 @@ import torch
 
 from models import timed, update_benchmarks_md
 
-from edgeinspect.runtime.backends import BACKENDS, open_backend
+from edgeinspect.runtime.backends import open_backend
 from edgeinspect.runtime.bench import interleaved_median_ms
 from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset

@@ -62,14 +62,14 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tup
 
 
 def prepared(path: Path, size: tuple[int, int], mode: str):
+    """(the image at the input size, the box (top, left, height, width) that shows it)."""
     image = read_image(path)
     if mode == "letterbox":
-        canvas, box = letterbox(image, size)
-        return canvas, box, image.shape[:2]
-    return resize(image, size), (0, 0, *size), image.shape[:2]
+        return letterbox(image, size)
+    return resize(image, size), (0, 0, *size)
 
 
-def mask_in_box(mask_path: Path | None, image_shape, box, size) -> tuple[np.ndarray, np.ndarray]:
+def mask_in_box(mask_path: Path | None, box, size) -> tuple[np.ndarray, np.ndarray]:
     """Ground truth and the pixels that show the image, both at the input size (nearest-neighbour)."""
     top, left, height, width = box
     inside = np.zeros(size, dtype=bool)
@@ -104,8 +104,8 @@ def measure(data: str, setting: str, threads: int) -> dict:
             anomaly_maps, batch_scores = model(torch.from_numpy(np.stack([b[0] for b in batch])))
             scores += batch_scores.tolist()
             labels += [s.label for s in samples]
-            for sample, (_, box, shape), anomaly_map in zip(samples, batch, anomaly_maps[:, 0].numpy()):
-                truth, inside = mask_in_box(sample.mask, shape, box, size)
+            for sample, (_, box), anomaly_map in zip(samples, batch, anomaly_maps[:, 0].numpy()):
+                truth, inside = mask_in_box(sample.mask, box, size)
                 maps.append(anomaly_map[inside])
                 truths.append(truth[inside])
                 if mode == "stretch":

@@ -154,11 +154,6 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
-def readable_images(paths: list[Path]) -> list[Path]:
-    """The paths that decode as images; the others are named in a warning."""
-    return [path for path, _ in decodable(paths)]
-
-
 def decodable(paths: list[Path], progress=None):
     """(path, RGB image) for each path that decodes; the others are named in a warning. `progress(1)` per path."""
     for path in paths:

@@ -45,10 +45,6 @@ class Inspector:
         """uint8 (B, H, W, 3) at the input size → maps (B, H, W), scores (B,)."""
         return self.backend(np.ascontiguousarray(batch))
 
-    def inspect(self, batch: np.ndarray) -> list[Inspection]:
-        maps, scores = self.infer(batch)
-        return [self.judge(float(score), anomaly_map) for anomaly_map, score in zip(maps, scores)]
-
     def judge(self, score: float, anomaly_map: np.ndarray) -> Inspection:
         if self.image_threshold is None:
             return Inspection(score, anomaly_map)

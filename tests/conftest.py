@@ -9,7 +9,6 @@ import skimage.data
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 MAGNETIC_TILE = BOTTLE.parents[1] / "magnetic_tile"
-SIZE = 64
 
 
 def good_image(rng: np.random.Generator) -> np.ndarray:

@@ -36,11 +36,11 @@ class PatchCoreConfig(ModelConfig):
     # cost the search what 1,536 of Lite0's 152 channels did
     coreset_max_entries: int = 3648
     # patch features are reduced to their first principal components (fitted on the training patches) before the
-    # bank, so the same search cost holds 2.4× the entries: through the bundle, magnetic_tile image AUROC 0.929
-    # against 0.902 with all 152 channels, bottle AUPRO 0.936 against 0.933, solar cells 0.948 against 0.930
-    # (BENCHMARKS.md); 0: keep all
+    # bank, so the same search cost holds 2.4× the entries: magnetic_tile image AUROC 0.929 against 0.902 with all
+    # 152 channels, bottle AUPRO 0.936 against 0.935, solar cells 0.949 against 0.930 (BENCHMARKS.md, the choices
+    # table); 0: keep all
     feature_dim: int = 64
-    projection_dim: int = 128  # random projection used only to pick the coreset
+    projection_dim: int = 128  # random projection to pick the coreset, only where features have more dimensions
     num_neighbours: int = 9  # bank neighbourhood used by the reweighted image score
     sigma: float = 4.0
     seed: int = 0
