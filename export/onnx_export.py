@@ -64,8 +64,8 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
     """Export, verify against PyTorch, check TensorRT compatibility, add the fp16 model and the engine when
     asked, and swap the finished bundle into place (never half-written)."""
     check_opset(opset)
+    model, run = load_run(run_dir)  # first: a mistyped RUN is refused before RUN/bundle's parent is made
     out = check_out(out) if out is not None else check_out(Path(run_dir) / "bundle", "--out (default RUN/bundle)")
-    model, run = load_run(run_dir)
     if run.get("state") == "training":
         warn(f"{run_dir}: training has not finished; exporting its best checkpoint so far")
     size = tuple(run["config"]["image_size"])

@@ -23,7 +23,7 @@ from .backends import BACKENDS, BackendUnavailable, open_backend
 from .bundle import load_bundle
 from .console import InspectError, console, one_line_errors
 from .files import writable_file_parent
-from .frame_loop import Grabber, LatencyStats
+from .frame_loop import MAX_BATCH, Grabber, LatencyStats
 from .inspector import Inspector
 from .out_folder import new_run_id
 from .overlays import OverlayStore
@@ -32,7 +32,6 @@ from .sinks import Sinks
 from .sources import open_source
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-MAX_BATCH = 1024  # --batch: synthetic frames are allocated at once
 
 
 def call_times_ms(call, runs: int, warmup: int) -> list[float]:

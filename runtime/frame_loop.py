@@ -15,6 +15,7 @@ import numpy as np
 from .sources import FrameSource
 
 STAGES = ("capture", "preprocess", "inference", "postprocess", "output")  # output: the sinks
+MAX_BATCH = 1024  # frames in one inference call (--batch): their images are held at once, queued twice over
 
 
 @dataclass

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from edgeinspect.runtime.console import progress_bar
+from edgeinspect.runtime.console import InspectError, progress_bar
 from edgeinspect.train.cli import app as train_app
 from edgeinspect.train.configs import GradientConfig
 from edgeinspect.train.fitting import batches, fit_by_gradient
@@ -54,6 +54,14 @@ def test_ctrl_c_keeps_the_best_weights_so_far():
     summary, saved = fit(model)
     assert (summary["stopped"], summary["best_epoch"]) == ("interrupted", 2)
     assert float(model.weight.detach()) == pytest.approx(saved[-1][1])
+
+
+def test_a_diverging_run_keeps_its_best_epoch_and_one_that_never_converged_is_refused():
+    model = Scripted([3.0, 1.0, float("nan"), 0.5])
+    summary, _ = fit(model)
+    assert (summary["stopped"], summary["best_epoch"], summary["epochs_run"]) == ("diverged", 2, 3)
+    with pytest.raises(InspectError, match="diverged.*epoch 1 is inf.*--lr"):
+        fit(Scripted([float("inf"), 1.0]))
 
 
 def test_batches_cover_everything_and_never_leave_a_single_sample():

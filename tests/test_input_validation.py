@@ -303,6 +303,8 @@ def test_every_command_refuses_an_unwritable_out_before_working(patchcore_bundle
         fails_with(app, args, option, message)
     assert a_file.read_text() == "keep me" and not (tmp_path / "e.json").exists()
     assert sorted(p.name for p in run_dir.iterdir()) == ["model.pt", "run.json"]
+    fails_with(export_app, [tmp_path / "no-such-run"], "no-such-run: not a training run")
+    assert not (tmp_path / "no-such-run").exists()  # a mistyped RUN is not made as RUN/bundle's parent
 
 
 # 5. numbers and options -------------------------------------------------------------------------------------------
@@ -337,6 +339,10 @@ def test_every_command_refuses_an_unwritable_out_before_working(patchcore_bundle
     (train_app, ["dfr", "--data", "DATA", "--out", "OUT", "--variance-kept", "0"], "--variance-kept"),
     (train_app, ["dfr", "--data", "DATA", "--out", "OUT", "--variance-kept", "1.5"], "--variance-kept"),
     (train_app, ["dfr", "--data", "DATA", "--out", "OUT", "--latent-dim", "0"], "--latent-dim must be at least 1"),
+    (train_app, ["dfr", "--data", "DATA", "--out", "OUT", "--latent-dim", "193"],
+     "--latent-dim 193 is more than the 192 regional feature channels"),
+    (train_app, ["patchcore", "--data", "DATA", "--out", "OUT", "--seed", "-1"], "--seed must be between 0 and"),
+    (train_app, ["stpm", "--data", "DATA", "--out", "OUT", "--seed", "4294967296"], "--seed must be between 0 and"),
     (train_app, ["stpm", "--data", "DATA", "--out", "OUT", "--weights", "no-such.pt"], "--weights no-such.pt"),
 ])
 def test_numbers_are_checked_where_they_enter(patchcore_bundle, mvtec_like, tmp_path, app, args, message):

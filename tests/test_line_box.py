@@ -274,6 +274,8 @@ def test_bad_run_options_are_one_line_errors(patchcore_bundle, mvtec_like, tmp_p
         (["--max-disk", "lots"], "--max-disk 'lots': give a size"),
         (["--keep-days", "nan"], "--keep-days must be a positive number"),
         (["--batch", "0"], "--batch must be at least 1"),
+        (["--batch", "1025"], "--batch must be at most 1024"),
+        (["--threads", "0"], "--threads must be at least 1"),
     ]
     for extra, message in cases:
         args = [str(patchcore_bundle), "--source", folder, "--out", str(tmp_path / "o"), *extra]

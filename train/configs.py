@@ -32,6 +32,12 @@ class ModelConfig:
         return cls(**values)
 
 
+def check_seed(seed: int) -> None:
+    """NumPy's and PyTorch's generators both take seeds from 0 to 2³² − 1."""
+    if not 0 <= seed < 1 << 32:
+        raise InspectError(f"--seed must be between 0 and {(1 << 32) - 1}, got {seed}")
+
+
 @dataclasses.dataclass(frozen=True)
 class GradientConfig(ModelConfig):
     """Settings of a model with learned weights; the validation split picks the best epoch."""
@@ -43,6 +49,7 @@ class GradientConfig(ModelConfig):
     seed: int = 0
 
     def __post_init__(self):
+        check_seed(self.seed)
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise InspectError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -138,6 +138,9 @@ def fit_dfr(config: DFRConfig, fit_images: np.ndarray, validation_images: np.nda
     `device`; the autoencoder is initialised on the CPU, so it starts the same whatever the device."""
     torch.manual_seed(config.seed)
     model = build_dfr(config, latent_dim=1, weights=weights).to(device)
+    if config.latent_dim is not None and config.latent_dim > model.regional.channels:  # before the features
+        raise InspectError(f"--latent-dim {config.latent_dim} is more than the {model.regional.channels} regional "
+                           f"feature channels of {config.backbone}")
     task = bar.add_task("regional features", total=len(fit_images) + len(validation_images))
     fit, validation = [map_in_batches(model.features, images, progress=lambda n: bar.advance(task, n),
                                       device=device)[0] for images in (fit_images, validation_images)]

@@ -2,12 +2,15 @@
 mini-batches, a validation loss on the held-out good images after every epoch, the best epoch kept,
 early stopping, and Ctrl-C that stops training but keeps the best weights so far."""
 
+import math
 import time
 from typing import Callable
 
 import torch
 from rich.progress import Progress
 from torch import nn
+
+from edgeinspect.runtime.console import InspectError
 
 from .configs import GradientConfig
 from .devices import CPU
@@ -92,6 +95,9 @@ def fit_by_gradient(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimiz
             summary["history"].append({"epoch": epoch, "train_loss": train_loss, "validation_loss": validation_loss})
             bar.update(task, advance=1, description=f"epoch {epoch}: train {train_loss:.4g}, "
                                                     f"validation {validation_loss:.4g}")
+            if not math.isfinite(validation_loss):  # diverged: keep the best epoch so far, if there is one
+                summary["stopped"] = "diverged"
+                break
             if validation_loss < summary["best_validation_loss"]:
                 summary.update(best_epoch=epoch, best_validation_loss=validation_loss)
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -101,6 +107,9 @@ def fit_by_gradient(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimiz
                 break
     except KeyboardInterrupt:
         summary["stopped"] = "interrupted"
+    if summary["stopped"] == "diverged" and best_state is None:
+        raise InspectError(f"training diverged: the validation loss of epoch {summary['epochs_run']} is "
+                           f"{summary['history'][-1]['validation_loss']} (give a lower --lr)")
     if best_state is not None:
         model.load_state_dict(best_state)
     summary["train_s"], summary["validation_s"] = round(summary["train_s"], 2), round(summary["validation_s"], 2)

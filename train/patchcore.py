@@ -16,7 +16,7 @@ from edgeinspect.runtime.console import InspectError
 
 from .backbones import (INPUT_NORMALIZATIONS, FeatureExtractor, Normalization, create_feature_extractor,
                         input_normalization)
-from .configs import ModelConfig
+from .configs import ModelConfig, check_seed
 from .devices import CPU, elapsed_s
 from .fitting import map_in_batches, mean_and_covariance
 from .layers import ImageInput, MapToImage, upsample
@@ -57,6 +57,7 @@ class PatchCoreConfig(ModelConfig):
     missing_means: typing.ClassVar[dict] = {"image_score": "reweighted"}
 
     def __post_init__(self):
+        check_seed(self.seed)
         if self.normalization not in INPUT_NORMALIZATIONS:
             raise InspectError(f"--normalization {self.normalization!r} is not one of {', '.join(INPUT_NORMALIZATIONS)}")
         if self.image_score not in IMAGE_SCORES:
