@@ -8,7 +8,7 @@ import torch
 from edgeinspect.runtime.console import progress_bar
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
 from edgeinspect.runtime.images import load_resized, read_image, resize
-from edgeinspect.train.dfr import DFRConfig, fit_dfr, latent_for_variance
+from edgeinspect.train.dfr import DFRConfig, fit_dfr, latent_for_variance, sampled_vectors
 
 
 def features_with_variances(variances: list[float], dim: int = 32, count: int = 20000) -> torch.Tensor:
@@ -48,3 +48,10 @@ def test_reconstruction_error_is_higher_where_a_foreign_patch_was_pasted(bottle)
     assert scores[1] > 1.5 * scores[0]
     inside, outside = maps[1, 0, 40:72, 40:72].mean(), maps[1, 0, 90:, 90:].mean()
     assert inside > 3 * outside
+
+
+def test_sampled_vectors_are_rows_of_the_feature_matrix_without_making_it():
+    features = torch.randn(3, 5, 4, 6)
+    matrix = features.permute(0, 2, 3, 1).reshape(-1, 5)  # the copy the sampling avoids
+    rows = torch.randperm(len(matrix), generator=torch.Generator().manual_seed(7))[:40]
+    assert torch.equal(sampled_vectors(features, 40, seed=7), matrix[rows])

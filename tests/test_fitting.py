@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 from edgeinspect.runtime.console import InspectError, progress_bar
 from edgeinspect.train.cli import app as train_app
 from edgeinspect.train.configs import GradientConfig
-from edgeinspect.train.fitting import batches, fit_by_gradient
+from edgeinspect.train.fitting import batches, fit_by_gradient, map_in_batches
 from edgeinspect.train.run import load_run
 
 
@@ -62,6 +63,17 @@ def test_a_diverging_run_keeps_its_best_epoch_and_one_that_never_converged_is_re
     assert (summary["stopped"], summary["best_epoch"], summary["epochs_run"]) == ("diverged", 2, 3)
     with pytest.raises(InspectError, match="diverged.*epoch 1 is inf.*--lr"):
         fit(Scripted([float("inf"), 1.0]))
+
+
+def test_outputs_filled_batch_by_batch_equal_the_whole_at_once():
+    images = np.random.default_rng(0).integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+
+    def outputs(batch):  # one row per image, and four rows per image (as PatchCore's patches)
+        return batch[:, 0, 0], batch[:, :2, :2].reshape(-1, 3)
+
+    got = map_in_batches(outputs, images, batch_size=3)  # batches of 3, 3 and 1
+    want = outputs(torch.from_numpy(images))
+    assert [g.shape for g in got] == [(7, 3), (28, 3)] and all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_batches_cover_everything_and_never_leave_a_single_sample():

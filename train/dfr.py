@@ -88,6 +88,16 @@ class FeatureAutoencoder(nn.Module):
         return F.mse_loss(self(features), features)
 
 
+def sampled_vectors(features: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` random rows (count, C) of features (N, C, H, W) seen as the (N·H·W, C) matrix of their vectors,
+    gathered without making that matrix (a copy as large as the features)."""
+    flat = features.flatten(2)
+    positions = flat.shape[2]
+    rows = torch.randperm(len(flat) * positions, generator=torch.Generator().manual_seed(seed))[:count]
+    rows = rows.to(features.device)
+    return flat[rows // positions, :, rows % positions]
+
+
 def latent_for_variance(features: torch.Tensor, variance_kept: float) -> int:
     """The number of principal components of features (N, C) that keep `variance_kept` of their variance."""
     eigenvalues = torch.linalg.eigvalsh(mean_and_covariance(features)[1]).flip(0).clamp_min(0)
@@ -145,12 +155,12 @@ def fit_dfr(config: DFRConfig, fit_images: np.ndarray, validation_images: np.nda
     fit, validation = [map_in_batches(model.features, images, progress=lambda n: bar.advance(task, n),
                                       device=device)[0] for images in (fit_images, validation_images)]
     model.regional.standardise_on(fit)
-    fit, validation = [(features - model.regional.mean) / model.regional.std for features in (fit, validation)]
+    for features in (fit, validation):  # in place, as the features are the largest thing held in memory
+        features.sub_(model.regional.mean).div_(model.regional.std)
     clock = time.perf_counter()
     if config.latent_dim is None:
-        vectors = fit.permute(0, 2, 3, 1).reshape(-1, fit.shape[1])
-        sample = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(config.seed))[:200_000]
-        config = replace(config, latent_dim=latent_for_variance(vectors[sample.to(device)], config.variance_kept))
+        vectors = sampled_vectors(fit, 200_000, config.seed)
+        config = replace(config, latent_dim=latent_for_variance(vectors, config.variance_kept))
     pca_s = time.perf_counter() - clock
     model.autoencoder = FeatureAutoencoder(model.regional.channels, config.latent_dim).to(device)
     optimizer = torch.optim.Adam(model.autoencoder.parameters(), lr=config.learning_rate)

@@ -20,17 +20,25 @@ Loss = Callable[..., torch.Tensor]  # mini-batch tensors → mean loss of the ba
 
 def map_in_batches(function: Callable, images, batch_size: int = 16, progress=None,
                    device: torch.device = CPU) -> list[torch.Tensor]:
-    """Apply `function` (uint8 image batch → tensor or list of tensors) to uint8 images (N, H, W, 3) in
-    batches on `device`, without gradients; returns each output concatenated over all images, on `device`."""
-    outputs = []
+    """Apply `function` (uint8 image batch → tensor or list of tensors, each with the same number of rows per
+    image) to uint8 images (N, H, W, 3) in batches on `device`, without gradients; returns each output over all
+    images, on `device`. The outputs are filled in place: concatenating the batches' at the end would hold every
+    feature twice (DFR's features of 762 magnetic_tile images at 512×512 are 9.6 GB)."""
+    outputs, rows_per_image = [], []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = torch.as_tensor(images[start:start + batch_size]).to(device)
             result = function(batch)
-            outputs.append(list(result) if isinstance(result, (list, tuple)) else [result])
+            parts = list(result) if isinstance(result, (list, tuple)) else [result]
+            if not outputs:
+                rows_per_image = [len(part) // len(batch) for part in parts]
+                outputs = [torch.empty((len(images) * rows, *part.shape[1:]), dtype=part.dtype, device=part.device)
+                           for part, rows in zip(parts, rows_per_image)]
+            for output, part, rows in zip(outputs, parts, rows_per_image):
+                output[start * rows:start * rows + len(part)] = part
             if progress is not None:
                 progress(len(batch))
-    return [torch.cat(parts) for parts in zip(*outputs)]
+    return outputs
 
 
 def batches(count: int, batch_size: int, generator: torch.Generator | None = None):
