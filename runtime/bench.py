@@ -23,7 +23,7 @@ from .backends import BACKENDS, BackendUnavailable, open_backend
 from .bundle import load_bundle
 from .console import InspectError, console, one_line_errors
 from .files import writable_file_parent
-from .frame_loop import MAX_BATCH, Grabber, LatencyStats
+from .frame_loop import Grabber, LatencyStats, check_batch_and_threads
 from .inspector import Inspector
 from .out_folder import new_run_id
 from .overlays import OverlayStore
@@ -163,13 +163,10 @@ def bench(
                               "polling it as a browser does (compare with a run without, for the page's cost)."),
 ):
     """Latency and throughput per backend on synthetic frames, and the whole pipeline on a video."""
-    for value, option in ((frames, "--frames"), (batch, "--batch"), (runs, "--runs")):
+    for value, option in ((frames, "--frames"), (runs, "--runs")):
         if value < 1:
             raise InspectError(f"{option} must be at least 1, got {value}")
-    if batch > MAX_BATCH:
-        raise InspectError(f"--batch must be at most {MAX_BATCH}, got {batch}")
-    if threads is not None and threads < 1:
-        raise InspectError(f"--threads must be at least 1, got {threads}")
+    check_batch_and_threads(batch, threads)
     if backend != "auto" and backend not in BACKENDS:
         raise InspectError(f"--backend {backend!r} is not one of auto, {', '.join(BACKENDS)}")
     if video is not None and not video.is_file():

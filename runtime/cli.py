@@ -18,7 +18,7 @@ from .bundle import load_bundle
 from .collect import CollectSink
 from .console import InspectError, console, one_line_errors, warn
 from .files import atomic_write_json, writable_dir
-from .frame_loop import MAX_BATCH, Frame, Grabber, Grabbers, LatencyStats
+from .frame_loop import Frame, Grabber, Grabbers, LatencyStats, check_batch_and_threads
 from .health import Health, HealthSink, console_listener, log_listener
 from .inspector import Inspector
 from .live_view import LiveView, LiveViewSink, about_run
@@ -113,14 +113,11 @@ def run(
     sources = list(source or []) + ([str(camera)] if camera is not None else [])
     if not sources:
         raise InspectError("give --source (one or more) or --camera")
-    for value, option, low in ((batch, "--batch", 1), (max_frames, "--max-frames", 0), (view_clients, "--view-clients", 1),
+    check_batch_and_threads(batch, threads)
+    for value, option, low in ((max_frames, "--max-frames", 0), (view_clients, "--view-clients", 1),
                                (mqtt_queue, "--mqtt-queue", 1)):
         if value < low:
             raise InspectError(f"{option} must be at least {low}, got {value}")
-    if batch > MAX_BATCH:
-        raise InspectError(f"--batch must be at most {MAX_BATCH}, got {batch}")
-    if threads is not None and threads < 1:
-        raise InspectError(f"--threads must be at least 1, got {threads}")
     if view is not None and not 0 <= view <= 65535:
         raise InspectError(f"--view {view}: a port is 0 to 65535")
     if mqtt_password and not mqtt_username:

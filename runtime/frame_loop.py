@@ -12,10 +12,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .console import InspectError
 from .sources import FrameSource
 
 STAGES = ("capture", "preprocess", "inference", "postprocess", "output")  # output: the sinks
 MAX_BATCH = 1024  # frames in one inference call (--batch): their images are held at once, queued twice over
+
+
+def check_batch_and_threads(batch: int, threads: int | None) -> None:
+    """--batch and --threads of the commands that run frames through a backend (inspect-run, inspect-bench)."""
+    if batch < 1:
+        raise InspectError(f"--batch must be at least 1, got {batch}")
+    if batch > MAX_BATCH:
+        raise InspectError(f"--batch must be at most {MAX_BATCH}, got {batch}")
+    if threads is not None and threads < 1:
+        raise InspectError(f"--threads must be at least 1, got {threads}")
 
 
 @dataclass
