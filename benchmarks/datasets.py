@@ -26,7 +26,8 @@ from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.train.registry import MODEL_KINDS
 
-SETTINGS = {"default": [], "high-res": ["--image-size", "512"]}
+# default: the input chosen from the data (--image-size auto); 256: the fixed input of before
+SETTINGS = {"default": [], "256": ["--image-size", "256"], "high-res": ["--image-size", "512"]}
 COST_SIZES = ("256", "384", "512", "256x640")
 TILES = "512 as 4 tiles of 256"
 CPU_BACKENDS = ("openvino", "ort-cpu")
@@ -42,7 +43,8 @@ def train_and_evaluate(kind: str, data: str, run_dir: Path, options: list[str]) 
     timed(["inspect-eval", run_dir / "bundle", "--data", data, "--out", run_dir / "eval.json"])
     overall = json.loads((run_dir / "eval.json").read_text())["metrics"]["overall"]
     run = json.loads((run_dir / "run.json").read_text())
-    return {"model": kind, "options": options, "train_s": round(train_s, 1), "export_s": round(export_s, 1),
+    return {"model": kind, "options": options, "input": run["config"]["image_size"],
+            "train_s": round(train_s, 1), "export_s": round(export_s, 1),
             "metrics": {k: overall.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
             "at_threshold": overall.get("at_threshold"), "bank": run.get("memory_bank"),
             "config": run["config"], "n_fit": run["data"]["n_fit"]}
@@ -74,7 +76,7 @@ def cell(value, digits: int = 3) -> str:
 
 
 def datasets_table(results: list[dict]) -> str:
-    head = ["data set", "model", "setting", "image AUROC", "pixel AUROC", "AUPRO", "F1-max",
+    head = ["data set", "model", "setting", "input", "image AUROC", "pixel AUROC", "AUPRO", "F1-max",
             "at μ+3σ: precision / recall", "fit s (train + export)", *[f"{b} ms/frame" for b in CPU_BACKENDS],
             "bank entries"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -82,7 +84,9 @@ def datasets_table(results: list[dict]) -> str:
         m, at = r["metrics"], r["at_threshold"] or {}
         extra = " ".join(r["options"][len(SETTINGS[r["setting"]]):])
         rows.append("| " + " | ".join([
-            r["data"], r["model"] + (f" `{extra}`" if extra else ""), r["setting"], cell(m["image_auroc"]),
+            r["data"], r["model"] + (f" `{extra}`" if extra else ""), r["setting"],
+            "×".join(map(str, r["input"])) if r.get("input") else "256×256" if r["setting"] == "default" else "512×512",
+            cell(m["image_auroc"]),
             cell(m["pixel_auroc"]), cell(m["aupro"]), cell(m["f1_max"]),
             f"{cell(at.get('precision'))} / {cell(at.get('recall'))}", f"{r['train_s'] + r['export_s']:.0f}",
             *[cell(r["latency_ms"].get(b), 1) for b in CPU_BACKENDS],
@@ -111,28 +115,29 @@ def cost_table(results: list[dict], tiles_ms: dict) -> str:
 def measure_datasets(args, record: dict, kinds: list[str], settings: list[str], extra: dict) -> None:
     for data in args.data:
         name = open_dataset(data).name
+        runs = []
         for setting in settings:
-            runs = {}
             for kind in kinds:
                 run_dir = args.work / name / setting / kind
                 result = train_and_evaluate(kind, data, run_dir, SETTINGS[setting] + extra.get(kind, []))
-                runs[kind] = {"data": name, "setting": setting, **result}
-            time_datasets(args, list(runs.values()))
-            record["datasets"] = [r for r in record["datasets"]
-                                  if (r["data"], r["setting"], r["model"]) not in
-                                  {(name, setting, kind) for kind in runs}] + list(runs.values())
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(record, indent=2))
+                runs.append({"data": name, "setting": setting, **result})
+        time_datasets(args, runs)
+        measured = {(r["data"], r["setting"], r["model"]) for r in runs}
+        record["datasets"] = [r for r in record["datasets"]
+                              if (r["data"], r["setting"], r["model"]) not in measured] + runs
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2))
 
 
 def time_datasets(args, rows: list[dict]) -> None:
-    """Latency of each row's bundle, the kinds of one data set and setting in turns."""
-    for group in sorted({(r["data"], r["setting"]) for r in rows}):
-        members = [r for r in rows if (r["data"], r["setting"]) == group]
-        bundles = {r["model"]: args.work / group[0] / group[1] / r["model"] / "bundle" for r in members}
+    """Latency of each row's bundle, every kind and setting of one data set in turns."""
+    for data in sorted({r["data"] for r in rows}):
+        members = [r for r in rows if r["data"] == data]
+        bundles = {(r["setting"], r["model"]): args.work / data / r["setting"] / r["model"] / "bundle"
+                   for r in members}
         latencies = backend_latencies(bundles, args.threads)
         for r in members:
-            r["latency_ms"] = latencies[r["model"]]
+            r["latency_ms"] = latencies[(r["setting"], r["model"])]
 
 
 def measure_cost(args, record: dict) -> None:
@@ -160,8 +165,8 @@ def write_tables(args, record: dict) -> None:
     stamp = f"Latency measured {record['timed']} on {machine}, {args.threads} threads, batch 1"
     if record["datasets"]:
         commands = "; ".join(f"`{c}`" for c in record["commands"])
-        update_benchmarks_md(args.markdown, *TABLES["datasets"], f"Generated by {commands}. {stamp}; the kinds of "
-                             "one data set and setting timed in turns.", datasets_table(record["datasets"]))
+        update_benchmarks_md(args.markdown, *TABLES["datasets"], f"Generated by {commands}. {stamp}; every kind and setting of "
+                             "one data set timed in turns.", datasets_table(record["datasets"]))
     if record["cost"]:
         update_benchmarks_md(args.markdown, *TABLES["cost"],
                              f"Generated by `python benchmarks/datasets.py --cost-data {record['cost_data']}`, PatchCore "

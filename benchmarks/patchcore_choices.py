@@ -37,7 +37,7 @@ from edgeinspect.train.patchcore import PatchCoreConfig
 
 KEYS = {"coreset": str, "backbone": str, "strides": lambda v: tuple(int(s) for s in v.split("-")),
         "size": lambda v: tuple(int(s) for s in v.split("x")), "normalization": str, "ratio": float,
-        "max_entries": int, "resize": str, "dim": int}
+        "max_entries": int, "resize": str, "dim": int, "sigma": float, "image_score": str, "patch_stride": int}
 FIELDS = {"size": "image_size", "ratio": "coreset_ratio", "max_entries": "coreset_max_entries", "dim": "feature_dim"}
 
 

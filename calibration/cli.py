@@ -24,9 +24,10 @@ def calibrate_command(
     bundle_dir: Path = typer.Argument(..., help="Bundle folder written by inspect-export."),
     images: Path = typer.Option(None, "--images", help="Folder of good images captured on the line "
                                 "(default: the held-out validation images recorded at training)."),
-    method: str = typer.Option("sigma", "--method", help="sigma: threshold = μ + k·σ of the good scores; "
-                                "quantile: the (1 − fpr) quantile (for scores far from normal)."),
-    k: float = typer.Option(3.0, "--k", help="k of the sigma method."),
+    method: str = typer.Option("sigma", "--method", help="sigma: threshold = μ + k·σ of the good scores; robust: "
+                                "median + k·1.4826·MAD (unmoved by a few odd good images); quantile: the (1 − fpr) "
+                                "quantile."),
+    k: float = typer.Option(3.0, "--k", help="k of the sigma and robust methods."),
     fpr: float = typer.Option(0.01, "--fpr", help="False-alarm rate on good images of the quantile method."),
 ):
     """Set the image and pixel thresholds from held-out good images, run through the bundle itself."""
@@ -45,13 +46,17 @@ def calibrate_command(
             raise InspectError(f"{missing[0]}: validation image not found ({len(missing)} missing); "
                                "pass --images with a folder of good images")
     thresholds = calibrate(bundle, paths, k, source, method, fpr)
-    rule = f"μ + {k:g}σ" if method == "sigma" else f"{1 - fpr:g} quantile"
+    rule = {"sigma": f"μ + {k:g}σ", "robust": f"median + {k:g}·1.4826·MAD", "quantile": f"{1 - fpr:g} quantile"}
     table = Table("level", "n", "μ", "σ", "rule", "threshold", "good above it",
                   title=f"calibration on {len(paths)} good images ({source})")
     for level in ("image", "pixel"):
         t = thresholds[level]
-        table.add_row(level, str(t["n"]), f"{t['mean']:.4g}", f"{t['std']:.4g}", rule, f"{t['threshold']:.4g}",
+        table.add_row(level, str(t["n"]), f"{t['mean']:.4g}", f"{t['std']:.4g}", rule[method], f"{t['threshold']:.4g}",
                       f"{100 * t['fraction_above']:.2f}%")
+    robust = thresholds["image"].get("robust_alternative")
+    if robust:  # the scores' tail makes μ + kσ unreliable: what the robust rule would give, not applied
+        table.add_row("image, not applied", "", "", "", f"{rule['robust']} (--method robust)",
+                      f"{robust['threshold']:.4g}", f"{100 * robust['fraction_above']:.2f}%")
     console.print(table)
     console.print(f"written to {bundle.path / 'bundle.json'}")
 

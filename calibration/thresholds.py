@@ -1,5 +1,5 @@
 """Thresholds from scores of held-out good images, measured through the bundle itself: μ + k·σ (the
-default), or the (1 − fpr) quantile when the scores are far from normal."""
+default), median + k·1.4826·MAD (robust: one odd good image does not move it), or the (1 − fpr) quantile."""
 
 import math
 from datetime import datetime, timezone
@@ -14,7 +14,9 @@ from edgeinspect.runtime.inspector import Inspector
 
 MIN_IMAGES = 2  # fewer readable good images than this is an error: σ needs two
 ROUGH_BELOW = 20  # fewer than this gives a warning: the threshold is a rough estimate
-METHODS = {"sigma": "mean+k*std", "quantile": "quantile"}  # option value → name stored in bundle.json
+# option value → name stored in bundle.json
+METHODS = {"sigma": "mean+k*std", "robust": "median+k*1.4826*mad", "quantile": "quantile"}
+MAD_TO_SIGMA = 1.4826  # σ of a normal distribution over its median absolute deviation
 PIXELS_PER_IMAGE = 16384  # evenly strided sample of each map, for pixel quantiles and exceedance rates
 NORMALITY_P = 0.01  # Shapiro-Wilk p-value below which the μ+kσ rule is flagged
 
@@ -41,9 +43,18 @@ class RunningMoments:
 
 
 def threshold_summary(moments: RunningMoments, sample: np.ndarray, method: str, k: float, fpr: float) -> dict:
-    """n, μ, σ, the threshold by `method`, and the fraction of the (sampled) good values above it."""
+    """n, μ, σ, the threshold by `method`, and the fraction of the (sampled) good values above it. The robust rule
+    is μ + kσ with the median for μ and 1.4826 · the median absolute deviation for σ: equal to it on normal
+    scores, and unmoved by a heavy tail."""
     if method == "sigma":
         rule, threshold = {"k": k}, moments.mean + k * moments.std
+    elif method == "robust":
+        median = float(np.median(sample))
+        mad = float(np.median(np.abs(sample - median)))
+        if not mad > 0:
+            raise InspectError(f"more than half of the {sample.size} good values equal {median:.6g} (median absolute "
+                               "deviation 0): the robust rule has no spread to scale; use --method sigma or quantile")
+        rule, threshold = {"k": k, "median": median, "mad": mad}, median + k * MAD_TO_SIGMA * mad
     else:
         rule, threshold = {"fpr": fpr}, float(np.quantile(sample, 1 - fpr))
     return {"n": moments.n, "mean": moments.mean, "std": moments.std, **rule, "threshold": threshold,
@@ -92,15 +103,19 @@ def calibrate(bundle: Bundle, images: list[Path], k: float = 3.0, source: str = 
     image_moments = RunningMoments()
     image_moments.add(scores)
     normal = normality(scores)
+    image = threshold_summary(image_moments, scores, method, k, fpr)
     if method == "sigma" and normal["p"] is not None and normal["p"] < NORMALITY_P:
+        robust = threshold_summary(image_moments, scores, "robust", k, fpr)
+        image["robust_alternative"] = {key: robust[key] for key in ("threshold", "fraction_above")}
         warn(f"good image scores are far from normal (Shapiro-Wilk p = {normal['p']:.2g}, skewness "
-             f"{normal['skewness']:.2f}): μ+{k:g}σ may not give the expected false-alarm rate; "
-             f"consider --method quantile --fpr 0.01")
+             f"{normal['skewness']:.2f}): a heavy tail inflates σ, and μ+{k:g}σ = {image['threshold']:.4g} may pass "
+             f"defects; the robust rule would give {robust['threshold']:.4g} (--method robust; "
+             f"{100 * robust['fraction_above']:.1f}% of these good images above it)")
     thresholds = {
         "method": METHODS[method],
         "source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "image": {**threshold_summary(image_moments, scores, method, k, fpr), "normality": normal},
+        "image": {**image, "normality": normal},
         "pixel": {**threshold_summary(pixels, np.concatenate(pixel_sample), method, k, fpr),
                   "n_images": len(scores)},
     }

@@ -136,7 +136,7 @@ def bundle_record(run: dict, opset: int, size: tuple[int, int]) -> dict:
         },
         "outputs": OUTPUT_NAMES,
         "config": run["config"],
-        "training": {k: data[k] for k in ("name", "n_fit", "n_validation", "validation")},
+        "training": {k: data.get(k) for k in ("name", "n_fit", "n_validation", "validation", "input_geometry")},
         "thresholds": None,
         "export": {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

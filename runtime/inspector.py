@@ -10,7 +10,7 @@ from threadpoolctl import threadpool_limits
 
 from .backends import open_backend
 from .bundle import Bundle
-from .console import InspectError
+from .console import InspectError, warn
 from .images import decodable, resize
 from .regions import Region, find_regions
 
@@ -37,9 +37,24 @@ class Inspector:
         thresholds = bundle.thresholds or {}
         self.image_threshold = thresholds.get("image", {}).get("threshold")
         self.pixel_threshold = thresholds.get("pixel", {}).get("threshold")
+        # the 5th and 95th percentiles of the training images' height / width (bundles from before: unknown)
+        self.trained_aspects = ((bundle.record.get("training") or {}).get("input_geometry") or {}).get("aspect_range")
 
     def prepare(self, image_rgb: np.ndarray) -> np.ndarray:
+        """The frame stretched to the model's input whatever its aspect, as every training image was; the first
+        frame whose aspect lies well outside the training images' is named in a warning."""
+        if self.trained_aspects:
+            self._warn_on_unfamiliar_aspect(*image_rgb.shape[:2])
         return resize(image_rgb, self.size)
+
+    def _warn_on_unfamiliar_aspect(self, height: int, width: int, slack: float = 1.1) -> None:
+        low, high = self.trained_aspects
+        if low / slack <= height / width <= high * slack:
+            return
+        warn(f"frames of {width}×{height} (height/width {height / width:.2f}) are unlike the training images "
+             f"({low:.2f} to {high:.2f}): each is stretched to the model's {self.size[1]}×{self.size[0]} as in "
+             "training, which distorts the part; train on frames of this framing, or crop them to it")
+        self.trained_aspects = None  # once
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (B, H, W, 3) at the input size → maps (B, H, W), scores (B,)."""

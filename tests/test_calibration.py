@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from edgeinspect.calibration.cli import calibrate_app
 from edgeinspect.calibration.thresholds import RunningMoments, normality, threshold_summary
 from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.console import InspectError
 from edgeinspect.runtime.inspector import Inspector
 
 
@@ -25,6 +26,23 @@ def test_sigma_and_quantile_rules_and_the_fraction_above():
     quantile = summary(values, "quantile", fpr=0.1)
     assert quantile["threshold"] == pytest.approx(np.quantile(values, 0.9))
     assert quantile["fraction_above"] == pytest.approx(0.1)
+
+
+def test_robust_rule_against_a_hand_computation():
+    """Nine ordinary good scores and one odd one: median 5.5, absolute deviations 0.5, 0.5, 1.5, 1.5, 2.5, 2.5,
+    3.5, 3.5, 4.5, 94.5 → MAD 2.5, threshold 5.5 + 3 · 1.4826 · 2.5 = 16.6195, which the odd image exceeds; μ + 3σ
+    (14.5 + 3 · 28.6) is pulled above it by that one image."""
+    values = [1, 2, 3, 4, 5, 6, 7, 8, 9, 100]
+    robust = summary(values, "robust")
+    assert (robust["median"], robust["mad"]) == (5.5, 2.5)
+    assert robust["threshold"] == pytest.approx(16.6195)
+    assert robust["fraction_above"] == pytest.approx(0.1)
+    assert summary(values, "sigma")["fraction_above"] == 0
+
+
+def test_robust_rule_refuses_scores_without_spread():
+    with pytest.raises(InspectError, match="median absolute deviation 0"):
+        summary([1.0, 1.0, 1.0, 2.0], "robust")
 
 
 def test_normality_flags_skewed_scores_only():
@@ -59,3 +77,16 @@ def test_quantile_calibration_is_stored_and_summarised(bundle_copy, mvtec_like):
     assert thresholds["image"]["threshold"] == pytest.approx(np.quantile(scores, 0.9), rel=1e-5)
     assert thresholds["image"]["fraction_above"] == pytest.approx(0.1)
     assert 0 <= thresholds["image"]["normality"]["p"] <= 1
+
+
+def test_robust_calibration_is_measured_through_the_bundle(bundle_copy, mvtec_like):
+    good = mvtec_like / "train" / "good"
+    result = CliRunner().invoke(calibrate_app, [str(bundle_copy), "--images", str(good), "--method", "robust"])
+    assert result.exit_code == 0, result.output
+    assert "median + 3·1.4826·MAD" in result.output
+    thresholds = load_bundle(bundle_copy).thresholds
+    scores = np.array([float(s) for *_, s in Inspector(load_bundle(bundle_copy)).infer_files(sorted(good.iterdir()))])
+    median = np.median(scores)
+    assert thresholds["method"] == "median+k*1.4826*mad"
+    assert thresholds["image"]["threshold"] == pytest.approx(
+        median + 3 * 1.4826 * np.median(np.abs(scores - median)), rel=1e-5)

@@ -324,7 +324,7 @@ def test_every_command_refuses_an_unwritable_out_before_working(patchcore_bundle
     (train_app, ["stpm", "--data", "DATA", "--out", "OUT", "--lr", "nan"], "--lr must be a finite number above 0"),
     (train_app, ["autoencoder", "--data", "DATA", "--out", "OUT", "--lr", "-1"], "--lr must be a finite number"),
     (train_app, ["patchcore", "--data", "DATA", "--out", "OUT", "--image-size", "100000"],
-     "--image-size '100000': give N or HxW, each side from 32 to 4096 pixels"),
+     "--image-size '100000': give auto, N or HxW, each side from 32 to 4096 pixels"),
     (train_app, ["patchcore", "--data", "DATA", "--out", "OUT", "--image-size", "64x9000"], "from 32 to 4096"),
     (train_app, ["patchcore", "--data", "DATA", "--out", "OUT", "--val-fraction", "0"], "--val-fraction must be"),
     (train_app, ["patchcore", "--data", "DATA", "--out", "OUT", "--val-fraction", "1"], "--val-fraction must be"),

@@ -136,3 +136,22 @@ def test_a_run_from_before_the_principal_components_still_loads(mvtec_like, tmp_
     with torch.inference_mode():
         (new_map, new_score), (old_map, old_score) = model(images), old(images)
     assert old.memory.bank.shape[1] == 152 and torch.equal(new_map, old_map) and torch.equal(new_score, old_score)
+
+
+def test_a_finer_stage_joins_the_patch_grid_as_block_averages():
+    """strides (4, 8, 16) on the stride-8 grid: the stride-4 features (3×3 local averages) averaged over 2×2 blocks,
+    the stride-8 ones as they are, the stride-16 ones upsampled; the same grid and patch count as (8, 16)."""
+    config = PatchCoreConfig(strides=(4, 8, 16), patch_stride=8)
+    model = untrained_patchcore(config, pretrained=False)
+    images = torch.randint(0, 256, (1, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        embedding = model.embed(images)
+        stride_4, stride_8, stride_16 = [model.embedding.local_average(f)
+                                         for f in model.embedding.extractor(model.image_input(images))]
+    channels = stride_4.shape[1]
+    assert embedding.shape[-2:] == (8, 12) == stride_8.shape[-2:]
+    assert torch.allclose(embedding[:, :channels], stride_4.unfold(2, 2, 2).unfold(3, 2, 2).mean((-1, -2)), atol=1e-5)
+    assert torch.allclose(embedding[:, channels:channels + stride_8.shape[1]], stride_8)
+    assert embedding.shape[1] == channels + stride_8.shape[1] + stride_16.shape[1]
+    with pytest.raises(InspectError, match="patch_stride 2"):
+        PatchCoreConfig(strides=(4, 8, 16), patch_stride=2)

@@ -29,11 +29,14 @@ class AutoencoderConfig(GradientConfig):
     batch_size: int = 16
     learning_rate: float = 1e-3
 
+    @property
+    def input_step(self) -> int:
+        return 2 ** len(self.widths)
+
     def __post_init__(self):
         super().__post_init__()
-        step = 2 ** len(self.widths)
-        if any(side % step for side in self.image_size):
-            raise InspectError(f"--image-size {self.image_size}: the autoencoder needs multiples of {step}")
+        if self.image_size is not None and any(side % self.input_step for side in self.image_size):
+            raise InspectError(f"--image-size {self.image_size}: the autoencoder needs multiples of {self.input_step}")
 
 
 class PixelAutoencoder(nn.Module):

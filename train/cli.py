@@ -1,5 +1,6 @@
 """inspect-train: learn what good parts look like from good images only, one sub-command per model kind."""
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,9 @@ Out = Annotated[Path, typer.Option("--out", help="Run folder to write (model.pt,
 Backbone = Annotated[str, typer.Option("--backbone", help="tf_efficientnet_lite0, _lite1 or _lite2 (offline "
                                                           "weights), resnet18 or wide_resnet50_2.")]
 Weights = Annotated[Path, typer.Option("--weights", help="Backbone state dict file, instead of the ImageNet weights.")]
-ImageSize = Annotated[str, typer.Option("--image-size", help="Model input size, N or HxW.")]
+ImageSize = Annotated[str, typer.Option("--image-size", help="Model input size: auto (from the training images: their "
+                                                              "median aspect and size, upscaled to at least 256×256, "
+                                                              "downscaled to at most 448×448 pixels), N or HxW.")]
 ValFraction = Annotated[float, typer.Option("--val-fraction", help="Good images held out for validation and "
                                                                    "calibration.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the validation split and of every random choice.")]
@@ -32,16 +35,20 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run al
                                                              "and remove its bundle/; without it such an --out is "
                                                              "refused.")]
 MIN_IMAGE_SIDE = 32
+AUTO_SIZE = "auto"
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """--image-size N or HxW, each side from 32 to 4096 pixels (the memory of training grows with the square)."""
+def parse_size(text: str) -> tuple[int, int] | None:
+    """--image-size N or HxW, each side from 32 to 4096 pixels (the memory of training grows with the square);
+    None for auto (chosen from the training images once they are known)."""
+    if text.strip().lower() == AUTO_SIZE:
+        return None
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
         parts = []
     if len(parts) not in (1, 2) or not all(MIN_IMAGE_SIDE <= p <= MAX_INPUT_SIDE for p in parts):
-        raise InspectError(f"--image-size {text!r}: give N or HxW, each side from {MIN_IMAGE_SIDE} to "
+        raise InspectError(f"--image-size {text!r}: give {AUTO_SIZE}, N or HxW, each side from {MIN_IMAGE_SIDE} to "
                            f"{MAX_INPUT_SIDE} pixels")
     return (parts[0], parts[-1])
 
@@ -55,7 +62,7 @@ def check_fraction(value: float, option: str) -> float:
 
 def train_and_report(kind: str, config, data: str, out: Path, val_fraction: float, weights: Path | None,
                      device: str, overwrite: bool = False) -> None:
-    from edgeinspect.train.devices import resolve_device
+    from edgeinspect.train.devices import out_of_memory, resolve_device
     from edgeinspect.train.run import prepare_run_folder, train_model
 
     check_fraction(val_fraction, "--val-fraction")
@@ -63,9 +70,17 @@ def train_and_report(kind: str, config, data: str, out: Path, val_fraction: floa
         raise InspectError(f"--weights {weights}: no such file")
     torch_device = resolve_device(device)  # a wrong --device fails before any image is read
     dataset = open_dataset(data)
-    split_fit_validation(dataset.good, val_fraction, config.seed)  # too few images: before --out is touched
+    fit_paths, _ = split_fit_validation(dataset.good, val_fraction, config.seed)  # before --out is touched
+    config, geometry = input_geometry(config, fit_paths)
     out = prepare_run_folder(out, overwrite)
-    record = train_model(kind, config, dataset, out, val_fraction, weights, torch_device)
+    try:
+        record = train_model(kind, config, dataset, out, val_fraction, weights, torch_device, geometry)
+    except Exception as error:
+        if not out_of_memory(error):
+            raise
+        raise InspectError(f"out of memory training at {config.image_size[0]}×{config.image_size[1]} on "
+                           f"{len(fit_paths)} images on {torch_device}: give a smaller --image-size (or fewer "
+                           "images)") from None
     fitted = f"{record['data']['n_fit']} images ({record['data']['n_validation']} held out)"
     training = record.get("training")
     if training:
@@ -78,10 +93,30 @@ def train_and_report(kind: str, config, data: str, out: Path, val_fraction: floa
                   f"run written to {out}; next: inspect-export {out}")
 
 
+def input_geometry(config, fit_paths: list[Path]):
+    """The configuration with its input size (chosen from the fit images' sizes where --image-size is auto) and
+    the record of that choice; says what was chosen and why."""
+    from edgeinspect.train.input_size import choose_input_size, image_sizes
+
+    sizes = image_sizes(fit_paths)
+    if config.image_size is not None and not sizes:  # reading the images says which ones are unreadable
+        return config, None
+    geometry = choose_input_size(sizes, config.input_step)
+    record = {**geometry.to_dict(), "chosen_by": "--image-size" if config.image_size else AUTO_SIZE}
+    auto = "×".join(map(str, geometry.size))
+    if config.image_size is None:
+        console.print(f"input {auto} ({geometry.reason}; --image-size overrides)")
+        return dataclasses.replace(config, image_size=geometry.size), record
+    given = "×".join(map(str, config.image_size))
+    if tuple(config.image_size) != geometry.size:
+        console.print(f"input {given} (--image-size; auto would choose {auto}: {geometry.reason})")
+    return config, {**record, "size": tuple(config.image_size)}
+
+
 @app.command()
 @one_line_errors
 def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
-              image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0,
+              image_size: ImageSize = AUTO_SIZE, val_fraction: ValFraction = 0.2, seed: Seed = 0,
               coreset_ratio: Annotated[float, typer.Option("--coreset-ratio", help="Fraction of patches kept in the "
                                                                                    "memory bank.")] = 0.1,
               max_bank: Annotated[int, typer.Option("--max-bank", help="Most entries in the memory bank, whatever "
@@ -109,7 +144,7 @@ def patchcore(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0"
 @app.command()
 @one_line_errors
 def stpm(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
-         image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0, epochs: Epochs = 100,
+         image_size: ImageSize = AUTO_SIZE, val_fraction: ValFraction = 0.2, seed: Seed = 0, epochs: Epochs = 100,
          batch_size: BatchSize = 32, lr: LearningRate = 0.4, patience: Patience = 10, device: Device = "auto",
          overwrite: Overwrite = False):
     """STPM: a student network learns the pretrained teacher's features on good parts; anomaly = where they differ."""
@@ -123,7 +158,7 @@ def stpm(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", wei
 @app.command()
 @one_line_errors
 def dfr(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weights: Weights = None,
-        image_size: ImageSize = "256", val_fraction: ValFraction = 0.2, seed: Seed = 0, epochs: Epochs = 100,
+        image_size: ImageSize = AUTO_SIZE, val_fraction: ValFraction = 0.2, seed: Seed = 0, epochs: Epochs = 100,
         batch_size: BatchSize = 4, lr: LearningRate = 1e-4, patience: Patience = 10,
         latent_dim: Annotated[int, typer.Option("--latent-dim", help="Autoencoder bottleneck width (default: "
                                                                      "PCA keeping --variance-kept).")] = None,
@@ -143,7 +178,7 @@ def dfr(data: Data, out: Out, backbone: Backbone = "tf_efficientnet_lite0", weig
 
 @app.command()
 @one_line_errors
-def autoencoder(data: Data, out: Out, image_size: ImageSize = "256", val_fraction: ValFraction = 0.2,
+def autoencoder(data: Data, out: Out, image_size: ImageSize = AUTO_SIZE, val_fraction: ValFraction = 0.2,
                 seed: Seed = 0, epochs: Epochs = 100, batch_size: BatchSize = 16, lr: LearningRate = 1e-3,
                 patience: Patience = 10, device: Device = "auto", overwrite: Overwrite = False):
     """Naive baseline: a convolutional autoencoder on pixels; anomaly = pixel reconstruction error."""

@@ -18,6 +18,11 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def input_step(self) -> int:
+        """The input's sides are multiples of this: the deepest stride of the features the model uses."""
+        return max(self.strides)
+
     @classmethod
     def from_dict(cls, record: dict):
         hints = typing.get_type_hints(cls)

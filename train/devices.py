@@ -37,3 +37,10 @@ def elapsed_s(clock: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - clock
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is the host or the GPU running out of memory (PyTorch's CPU allocator raises a plain
+    RuntimeError for it)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))

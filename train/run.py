@@ -52,9 +52,9 @@ def prepare_run_folder(out: Path, overwrite: bool = False) -> Path:
 
 
 def train_model(kind: str, config: ModelConfig, dataset: Dataset, out: Path, val_fraction: float = 0.2,
-                weights: Path | None = None, device: torch.device = CPU) -> dict:
+                weights: Path | None = None, device: torch.device = CPU, input_geometry: dict | None = None) -> dict:
     """Fit a model of `kind` on the fit split of the good images, computing on `device`, and write the run
-    folder; returns the record.
+    folder; returns the record. `input_geometry`: how the input size was chosen (train/input_size.py).
 
     Models trained by gradient write a checkpoint of their best epoch as they go (state "training"), so an
     interrupted run still leaves a complete, exportable folder.
@@ -68,7 +68,7 @@ def train_model(kind: str, config: ModelConfig, dataset: Dataset, out: Path, val
         validation_images, validation_paths = load_resized(validation_paths, config.image_size,
                                                            lambda n: bar.advance(task, n))
         read_s = time.perf_counter() - started
-        data = _data_summary(dataset, fit_paths, validation_paths)
+        data = {**_data_summary(dataset, fit_paths, validation_paths), "input_geometry": input_geometry}
 
         def record(model, used_config, details, state) -> dict:
             timings = {"read_images_s": round(read_s, 2), **details.pop("timings", {}),
