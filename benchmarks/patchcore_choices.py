@@ -132,18 +132,19 @@ def measure(data: str, setting: str, threads: int) -> dict:
             "bank": details["memory_bank"], "torch_ms_per_frame": round(1000 * float(np.median(times)), 1)}
 
 
-TABLE = ("<!-- choices table: begin -->", "<!-- choices table: end -->")
+def table_markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name} table: begin -->", f"<!-- {name} table: end -->"
 
 
 def choices_table(results: list[dict]) -> str:
-    head = ["data set", "backbone", "stages (strides)", "input", "normalisation", "aspect", "coreset",
+    head = ["data set", "change over the defaults", "backbone", "stages (strides)", "input", "normalisation", "aspect", "coreset",
             "bank dim (channels or components)", "bank entries", "image AUROC", "pixel AUROC", "AUPRO", "image AUROC per defect type", "fit s"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         c = r["config"]
         per_type = ", ".join(f"{t} {v:.3f}" for t, v in r.get("image_auroc_per_type", {}).items()) or "-"
         rows.append("| " + " | ".join([
-            r["data"], c["backbone"].replace("tf_efficientnet_", ""), "-".join(map(str, c["strides"])),
+            r["data"], f"`{r['setting']}`" if r["setting"] != "defaults" else "none", c["backbone"].replace("tf_efficientnet_", ""), "-".join(map(str, c["strides"])),
             "×".join(map(str, c["image_size"])), c["normalization"], r["resize"], r.get("coreset", "pooled"),
             str(r["bank"]["dim"]), str(r["bank"]["entries"]), f"{r['image_auroc']:.3f}",
             *["-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("pixel_auroc", "aupro")], per_type,
@@ -158,6 +159,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/patchcore_choices.jsonl"))
     parser.add_argument("--markdown", type=Path, help="rewrite this file's choices table from every line of --out")
+    parser.add_argument("--table", default="choices", help="which generated table of --markdown (its markers' name)")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for data in args.data:
@@ -168,7 +170,7 @@ def main():
                 out.write(json.dumps(result) + "\n")
     if args.markdown:
         results = [json.loads(line) for line in args.out.read_text().splitlines()]
-        update_benchmarks_md(args.markdown, *TABLE, f"Generated {time.strftime('%Y-%m-%d')} from {args.out.name} "
+        update_benchmarks_md(args.markdown, *table_markers(args.table), f"Generated {time.strftime('%Y-%m-%d')} from {args.out.name} "
                              "(PyTorch, this machine's 2 cores; fit s is indicative: most runs shared the machine, "
                              "so per-frame times are in the tables measured alone).", choices_table(results))
 

@@ -37,7 +37,7 @@ class Inspector:
         thresholds = bundle.thresholds or {}
         self.image_threshold = thresholds.get("image", {}).get("threshold")
         self.pixel_threshold = thresholds.get("pixel", {}).get("threshold")
-        # the 5th and 95th percentiles of the training images' height / width (bundles from before: unknown)
+        # the least and the most height / width among the training images (bundles from before: unknown)
         self.trained_aspects = ((bundle.record.get("training") or {}).get("input_geometry") or {}).get("aspect_range")
 
     def prepare(self, image_rgb: np.ndarray) -> np.ndarray:

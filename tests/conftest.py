@@ -1,5 +1,6 @@
 """Shared fixtures: a small MVTec-AD-layout data set made of real photos, and the real bottle data when present."""
 
+import os
 from pathlib import Path
 
 import cv2
@@ -60,6 +61,25 @@ def magnetic_tile() -> Path:
     if not MAGNETIC_TILE.is_dir():
         pytest.skip(f"real magnetic_tile data not present at {MAGNETIC_TILE}")
     return MAGNETIC_TILE
+
+
+def small_magnetic_tile(root: Path, tmp_path: Path, keep=lambda path: True) -> Path:
+    """A few real tiles of different sizes in MVTec layout (links to the files), those for which `keep(path)`
+    holds: 12 good to train on, 3 good and 3 blowholes and 3 cracks with their masks to test."""
+    def kept(folder, count):
+        return [p for p in sorted(folder.iterdir()) if keep(p)][:count]
+    data = tmp_path / "tiles"
+    links = {data / "train" / "good" / p.name: p for p in kept(root / "train" / "good", 12)}
+    links.update({data / "test" / "good" / p.name: p for p in kept(root / "test" / "good", 3)})
+    for kind in ("blowhole", "crack"):
+        for path in kept(root / "test" / kind, 3):
+            links[data / "test" / kind / path.name] = path
+            mask = root / "ground_truth" / kind / f"{path.stem}_mask.png"
+            links[data / "ground_truth" / kind / mask.name] = mask
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, link)
+    return data
 
 
 QUICK_TRAINING = {"patchcore": ["--coreset-ratio", 0.25], "stpm": ["--epochs", 2], "dfr": ["--epochs", 2],

@@ -2,7 +2,6 @@
 against a direct computation, masks at the map's size, and real magnetic_tile images of many sizes end to end."""
 
 import json
-import os
 
 import cv2
 import numpy as np
@@ -20,7 +19,7 @@ from edgeinspect.train.patchcore import (MemoryBank, PatchCoreConfig, bank_neigh
                                          random_projection, untrained_patchcore)
 from test_layers import resize_then_blur
 
-from conftest import calibrated_bundle
+from conftest import calibrated_bundle, small_magnetic_tile
 
 
 def test_pooled_coreset_still_takes_the_outliers_its_pool_missed():
@@ -92,24 +91,6 @@ def test_mask_is_sampled_at_each_map_pixels_centre(magnetic_tile):
     rows = ((np.arange(96) + 0.5) * mask.shape[0] / 96).astype(int)
     cols = ((np.arange(160) + 0.5) * mask.shape[1] / 160).astype(int)
     assert resized.dtype == bool and np.array_equal(resized, mask[rows][:, cols] > 0)
-
-
-def small_magnetic_tile(root, tmp_path):
-    """A few real tiles of different sizes in MVTec layout (links to the files): 12 good to train on, 3 good and
-    3 blowholes and 3 cracks with their masks to test."""
-    data = tmp_path / "tiles"
-    good = sorted((root / "train" / "good").iterdir())[:12]
-    links = {data / "train" / "good" / p.name: p for p in good}
-    links.update({data / "test" / "good" / p.name: p for p in sorted((root / "test" / "good").iterdir())[:3]})
-    for kind in ("blowhole", "crack"):
-        for path in sorted((root / "test" / kind).iterdir())[:3]:
-            links[data / "test" / kind / path.name] = path
-            mask = root / "ground_truth" / kind / f"{path.stem}_mask.png"
-            links[data / "ground_truth" / kind / mask.name] = mask
-    for link, target in links.items():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(target, link)
-    return data
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 aspects, and end to end on real magnetic_tile tiles of many sizes."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from edgeinspect.runtime.images import read_image
 from edgeinspect.runtime.inspector import Inspector
 from edgeinspect.train.input_size import PIXEL_BUDGET, PIXEL_FLOOR, choose_input_size, image_sizes
 
-from conftest import calibrated_bundle, write
+from conftest import calibrated_bundle, small_magnetic_tile, write
 
 
 def test_square_images_larger_than_the_budget_are_downscaled_to_it():
@@ -77,32 +76,12 @@ def test_sizes_come_from_the_headers_and_unreadable_files_are_left_out(tmp_path)
     assert image_sizes(sorted(tmp_path.iterdir())) == [(30, 50), (70, 20)]
 
 
-def portrait_magnetic_tiles(root, tmp_path):
-    """Real tiles taller than wide, each of its own size, in MVTec layout (links to the files): 12 good to train
-    on, 3 good and 3 blowholes and 3 cracks with their masks to test."""
-    def portrait(folder):
-        return [p for p in sorted(folder.iterdir()) if p.suffix == ".jpg" and
-                np.divide(*read_image(p).shape[:2]) > 1.3]
-    data = tmp_path / "tiles"
-    links = {data / "train" / "good" / p.name: p for p in portrait(root / "train" / "good")[:12]}
-    links.update({data / "test" / "good" / p.name: p for p in portrait(root / "test" / "good")[:3]})
-    for kind in ("blowhole", "crack"):
-        for path in portrait(root / "test" / kind)[:3]:
-            links[data / "test" / kind / path.name] = path
-            mask = root / "ground_truth" / kind / f"{path.stem}_mask.png"
-            links[data / "ground_truth" / kind / mask.name] = mask
-    for link, target in links.items():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(target, link)
-    return data
-
-
 @pytest.mark.slow
 def test_real_tiles_of_many_sizes_get_a_non_square_input_end_to_end(magnetic_tile, tmp_path):
     """Real portrait tiles of different sizes through inspect-train at its default (auto), export, calibrate and
     eval: the input follows the tiles' median aspect, the bundle records the choice, and every test image (each of
     its own size, stretched as in training) is scored against masks read at the map's size."""
-    data = portrait_magnetic_tiles(magnetic_tile, tmp_path)
+    data = small_magnetic_tile(magnetic_tile, tmp_path, keep=lambda path: np.divide(*read_image(path).shape[:2]) > 1.3)
     bundle = calibrated_bundle(tmp_path / "run", ["patchcore", "--data", data, "--coreset-ratio", 0.25])
     fitted = image_sizes(json.loads((tmp_path / "run" / "run.json").read_text())["data"]["fit"])
     assert len(set(fitted)) > 3  # the images really are of different sizes

@@ -33,7 +33,7 @@ class InputGeometry:
     images: int  # training images whose size was read
     median_size: tuple[int, int]  # (height, width): the median of each
     aspect: float  # the aspect (height / width) chosen, before rounding to whole strides
-    aspect_range: tuple[float, float]  # the 5th and 95th percentiles of the images' height / width
+    aspect_range: tuple[float, float]  # the least and the most height / width among the images
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +87,5 @@ def choose_input_size(sizes: list[tuple[int, int]], step: int, budget: int = PIX
     many = "the smallest quarter of the " if np.ptp(heights * widths) else ""
     reason = (f"{len(sizes)} training images of median size {median_size[0]}×{median_size[1]}; {shape}; "
               f"{many}images {scale}; sides in multiples of {step}")
-    low, high = np.quantile(aspects, [0.05, 0.95])
     return InputGeometry(size, reason, len(sizes), median_size, round(aspect, 4),
-                         (round(float(low), 4), round(float(high), 4)))
+                         (round(float(aspects.min()), 4), round(float(aspects.max()), 4)))
