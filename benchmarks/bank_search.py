@@ -18,8 +18,8 @@ import torch
 
 from models import update_benchmarks_md
 
-from edgeinspect.runtime.backends import openvino_config, ort_session_options
-from edgeinspect.runtime.bench import interleaved_median_ms
+from edgeinspect.runtime.inference.backends import openvino_config, ort_session_options
+from edgeinspect.runtime.commands.bench import interleaved_median_ms
 from edgeinspect.train.patchcore import MemoryBank, bank_neighbours
 
 PATCHES = {"256×256": 32 * 32, "512×512": 64 * 64}  # Lite0's stride-8 grid

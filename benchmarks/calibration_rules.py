@@ -19,9 +19,9 @@ from models import update_benchmarks_md
 
 from edgeinspect.calibration.evaluate import predict
 from edgeinspect.calibration.thresholds import RunningMoments, normality, threshold_summary
-from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
-from edgeinspect.runtime.inspector import Inspector
+from edgeinspect.runtime.inference.inspector import Inspector
 
 RULES = {"μ + 3σ": ("sigma", 3.0, 0.01), "median + 3·1.4826·MAD": ("robust", 3.0, 0.01),
          "0.99 quantile": ("quantile", 3.0, 0.01)}

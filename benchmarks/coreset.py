@@ -14,7 +14,7 @@ import time
 import torch
 
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.train.patchcore import (PatchCoreConfig, coverage_radius, extract_patches, fit_projection,
                                          greedy_coreset, pooled_greedy_coreset, random_projection,
                                          untrained_patchcore)

@@ -20,9 +20,9 @@ import torch
 
 from models import timed, update_benchmarks_md
 
-from edgeinspect.runtime.backends import open_backend
-from edgeinspect.runtime.bench import interleaved_median_ms
-from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.inference.backends import open_backend
+from edgeinspect.runtime.commands.bench import interleaved_median_ms
+from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.train.registry import MODEL_KINDS
 

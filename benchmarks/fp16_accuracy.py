@@ -16,7 +16,7 @@ import torch
 
 from edgeinspect.calibration.evaluate import evaluate, predict
 from edgeinspect.export.half_precision import with_half_precision
-from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.train.registry import MODEL_KINDS
 from edgeinspect.train.run import load_run

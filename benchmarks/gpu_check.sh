@@ -32,10 +32,10 @@ import sys
 
 import numpy as np
 
-from edgeinspect.runtime.backends import BACKENDS, open_backend
-from edgeinspect.runtime.bench import median_ms
-from edgeinspect.runtime.bundle import load_bundle
-from edgeinspect.runtime.images import list_images, load_resized
+from edgeinspect.runtime.inference.backends import BACKENDS, open_backend
+from edgeinspect.runtime.commands.bench import median_ms
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.images import list_images, load_resized
 
 bundle = load_bundle(sys.argv[1])
 if sys.argv[2]:

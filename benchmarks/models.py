@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from edgeinspect.export.onnx_export import parity
-from edgeinspect.runtime.backends import BACKENDS, BackendUnavailable, open_backend
-from edgeinspect.runtime.bench import interleaved_median_ms
-from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.inference.backends import BACKENDS, BackendUnavailable, open_backend
+from edgeinspect.runtime.commands.bench import interleaved_median_ms
+from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.train.registry import MODEL_KINDS
 from edgeinspect.train.run import load_run
 

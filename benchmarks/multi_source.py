@@ -18,9 +18,9 @@ from pathlib import Path
 
 from soak import make_video
 
-from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.inference.bundle import load_bundle
 
-RUN = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()"]
+RUN = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()"]
 
 
 def run_all(commands: list[list[str]]) -> float:

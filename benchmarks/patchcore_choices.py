@@ -31,7 +31,7 @@ from models import update_benchmarks_md
 from edgeinspect.calibration.metrics import aupro, auroc
 from edgeinspect.runtime.console import progress_bar
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
-from edgeinspect.runtime.images import read_image, resize
+from edgeinspect.runtime.inference.images import read_image, resize
 from edgeinspect.train import patchcore
 from edgeinspect.train.patchcore import PatchCoreConfig
 

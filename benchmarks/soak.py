@@ -18,9 +18,9 @@ from pathlib import Path
 
 import cv2
 
-from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.datasets import open_dataset
-from edgeinspect.runtime.images import read_image, resize
+from edgeinspect.runtime.inference.images import read_image, resize
 
 WARMUP_FRAMES = 500
 
@@ -84,7 +84,7 @@ def main():
         work = Path(work)
         video = args.video or work / "line.avi"
         clip_frames = make_video(video, load_bundle(args.bundle), args.data)
-        command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(args.bundle),
+        command = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()", str(args.bundle),
                    "--source", str(video), "--loop", "--max-frames", str(args.frames),
                    "--out", str(work / "out"), "--save", args.save] + (["--max-disk", args.max_disk] if args.max_disk else [])
         errors = open(work / "stderr.txt", "w")  # a file, not a pipe: an unread pipe would block the run

@@ -5,11 +5,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.console import InspectError, console, one_line_errors
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.files import atomic_write_json, writable_dir, writable_file_parent
-from edgeinspect.runtime.images import list_images
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.images import list_images
 
 from .evaluate import METRIC_COLUMNS, evaluate, metrics_rows, predict
 from .thresholds import calibrate, check_options

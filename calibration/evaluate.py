@@ -7,10 +7,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgeinspect.runtime.bundle import Bundle
 from edgeinspect.runtime.console import InspectError, progress_bar
 from edgeinspect.runtime.datasets import GOOD, Dataset, TestSample
-from edgeinspect.runtime.inspector import Inspector
+from edgeinspect.runtime.inference.bundle import Bundle
+from edgeinspect.runtime.inference.inspector import Inspector
 
 from .metrics import at_threshold, aupro, auroc, f1_max
 

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from edgeinspect.runtime.bundle import Bundle
 from edgeinspect.runtime.datasets import Dataset
 from edgeinspect.runtime.files import atomic_write_bytes
-from edgeinspect.runtime.images import read_image, resize
-from edgeinspect.runtime.regions import heat_overlay
+from edgeinspect.runtime.inference.bundle import Bundle
+from edgeinspect.runtime.inference.images import read_image, resize
+from edgeinspect.runtime.inference.regions import heat_overlay
 
 from .evaluate import METRIC_COLUMNS, Predictions, metrics_rows
 from .metrics import pro_curve

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from edgeinspect.runtime.bundle import Bundle
 from edgeinspect.runtime.console import InspectError, progress_bar, warn
-from edgeinspect.runtime.inspector import Inspector
+from edgeinspect.runtime.inference.bundle import Bundle
+from edgeinspect.runtime.inference.inspector import Inspector
 
 MIN_IMAGES = 2  # fewer readable good images than this is an error: σ needs two
 ROUGH_BELOW = 20  # fewer than this gives a warning: the threshold is a rough estimate

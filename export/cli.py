@@ -5,8 +5,8 @@ from pathlib import Path
 
 import typer
 
-from edgeinspect.runtime.bundle import BUNDLE_RECORD, load_bundle
 from edgeinspect.runtime.console import InspectError, console, one_line_errors
+from edgeinspect.runtime.inference.bundle import BUNDLE_RECORD, load_bundle
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 MAX_WORKSPACE_MB = 1 << 20

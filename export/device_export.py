@@ -7,9 +7,9 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from edgeinspect.runtime.bundle import Bundle, file_digests, load_bundle
 from edgeinspect.runtime.console import InspectError, console, warn
 from edgeinspect.runtime.files import replace_dir, staging_dir
+from edgeinspect.runtime.inference.bundle import Bundle, file_digests, load_bundle
 
 from .precision import convert_fp16
 from .tensorrt_check import check_tensorrt

@@ -12,11 +12,11 @@ import onnx
 import torch
 
 import edgeinspect
-from edgeinspect.runtime.backends import OrtCpuBackend
-from edgeinspect.runtime.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_RECORD, Bundle, file_digests
 from edgeinspect.runtime.console import InspectError, console, warn
 from edgeinspect.runtime.files import replace_dir, staging_dir, writable_dir
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.inference.backends import OrtCpuBackend
+from edgeinspect.runtime.inference.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_RECORD, Bundle, file_digests
+from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.train.run import load_run
 
 from .device_export import EngineOptions, add_engine, add_fp16_model, model_files, report_tensorrt_check

@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.cuda_device import CudaUnavailable, open_cuda
 from edgeinspect.runtime.files import atomic_write_bytes, cache_dir, sha256_file
+from edgeinspect.runtime.inference.cuda_device import CudaUnavailable, open_cuda
 
 ENGINE_FILE = "model.engine"
 

@@ -5,8 +5,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .console import InspectError
-from .images import list_images
+from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.inference.images import list_images
 
 GOOD = "good"
 BUILTIN_DATASETS = ("elpv",)

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .console import InspectError
+from edgeinspect.runtime.console import InspectError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

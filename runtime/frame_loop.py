@@ -1,19 +1,18 @@
-"""The frame loop of inspect-run: capture in its own thread per source (never waiting on inference), then
-resize → one inference call for the frames of all sources → verdict, regions, and a record per frame for
-the sinks, with per-stage latency and a summary at the end.
-
-`every` processes each frame in order (files, folders); `latest` processes the newest frame of each source
-and counts the ones it skipped (cameras: the verdict is about now, not about a backlog)."""
+"""The frame loop of inspect-run: the frames the grabbers took, from every source, are resized and go through one
+inference call; each gets its verdict, regions and one record, handed to the sinks in order, with per-stage latency
+and a summary at the end."""
 
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 
-from .console import InspectError
-from .sources import FrameSource
+from edgeinspect.runtime.capture.grabbers import Frame, Grabbers
+from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.inference.inspector import Inspector
+from edgeinspect.runtime.outputs.sinks import Inspected, Sinks
 
 STAGES = ("capture", "preprocess", "inference", "postprocess", "output")  # output: the sinks
 MAX_BATCH = 1024  # frames in one inference call (--batch): their images are held at once, queued twice over
@@ -27,96 +26,6 @@ def check_batch_and_threads(batch: int, threads: int | None) -> None:
         raise InspectError(f"--batch must be at most {MAX_BATCH}, got {batch}")
     if threads is not None and threads < 1:
         raise InspectError(f"--threads must be at least 1, got {threads}")
-
-
-@dataclass
-class Frame:
-    index: int  # per source
-    name: str
-    rgb: np.ndarray | None  # None: the frame could not be decoded (`error` says why)
-    capture_ms: float
-    source: str = ""
-    error: str | None = None
-
-
-class Grabber(threading.Thread):
-    """Reads one source into a bounded queue (`every`: back-pressure, nothing lost) or a one-frame slot
-    (`latest`: a newer frame replaces an unprocessed one, which counts as dropped). Grabbers of one run share
-    a condition, so the loop can wait for a frame from any of them."""
-
-    def __init__(self, source: FrameSource, mode: str, stop: threading.Event, queue_size: int = 8,
-                 label: str = "", condition: threading.Condition | None = None):
-        super().__init__(name=f"frame-grabber {label}".strip(), daemon=True)
-        self.source, self.mode, self.stop, self.label = source, mode, stop, label
-        self.queue: deque[Frame] = deque()
-        self.queue_size = queue_size
-        self.condition = condition or threading.Condition()
-        self.finished = False
-        self.dropped = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            index, clock = 0, time.perf_counter()
-            for name, rgb, error in self.source.frames(self.stop):
-                self._put(Frame(index, name, rgb, (time.perf_counter() - clock) * 1000, self.label, error))
-                index += 1
-                clock = time.perf_counter()
-        except BaseException as error:  # handed to the main thread, which reports it
-            self.error = error
-        finally:
-            with self.condition:
-                self.finished = True
-                self.condition.notify_all()
-
-    def _put(self, frame: Frame) -> None:
-        with self.condition:
-            if self.mode == "latest":
-                self.dropped += len(self.queue)
-                self.queue.clear()
-            else:
-                while len(self.queue) >= self.queue_size and not self.stop.is_set():
-                    self.condition.wait(0.1)
-            self.queue.append(frame)
-            self.condition.notify_all()
-
-    def take(self, count: int) -> list[Frame]:
-        """Up to `count` frames (at least one), or [] once the source has ended or the run is stopping."""
-        return Grabbers([self]).take(count)
-
-
-class Grabbers:
-    """The grabbers of all sources of a run, read as one: each `take` returns the frames waiting at every
-    source (round-robin, so one busy source cannot starve the others), for one inference call."""
-
-    def __init__(self, grabbers: list[Grabber]):
-        self.grabbers = grabbers
-        self.condition = grabbers[0].condition
-        self.stop = grabbers[0].stop
-
-    def start(self) -> None:
-        for grabber in self.grabbers:
-            grabber.start()
-
-    def join(self, timeout: float) -> None:
-        for grabber in self.grabbers:
-            grabber.join(timeout)
-
-    @property
-    def error(self) -> BaseException | None:
-        return next((g.error for g in self.grabbers if g.error is not None), None)
-
-    def take(self, count: int) -> list[Frame]:
-        """Up to `count` frames, at least one, or [] once every source has ended or the run is stopping."""
-        with self.condition:
-            while (not any(g.queue for g in self.grabbers) and not all(g.finished for g in self.grabbers)
-                   and not self.stop.is_set()):
-                self.condition.wait(0.1)
-            taken = []
-            while len(taken) < count and any(g.queue for g in self.grabbers):
-                taken += [g.queue.popleft() for g in self.grabbers if g.queue][:count - len(taken)]
-            self.condition.notify_all()
-            return taken
 
 
 class LatencyStats:
@@ -183,3 +92,71 @@ class LatencyStats:
             result["sources"] = {label: {**self.per_source.get(label, empty), **counters}
                                  for label, counters in sources.items()}
         return result
+
+
+class FrameLoop:
+    """Resize → one inference call for the frames taken (of every source) → one record per frame, in order,
+    handed to the sinks. `seq` numbers the records of the run (skipped frames too), so a consumer can tell
+    a gap from a duplicate."""
+
+    def __init__(self, inspector: Inspector, sinks: Sinks, stats: LatencyStats, run_id: str):
+        self.inspector, self.sinks, self.stats, self.run_id = inspector, sinks, stats, run_id
+        self.seq = 0
+        self.last_done: float | None = None
+
+    def _record(self, frame: Frame) -> dict:
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "run": self.run_id,
+                  "seq": self.seq, "frame": frame.index, "name": frame.name, "source": frame.source}
+        self.seq += 1
+        return record
+
+    def inspect(self, taken: list[Frame]) -> None:
+        inspector = self.inspector
+        readable = [frame for frame in taken if frame.rgb is not None]
+        outcomes = iter(())
+        if readable:
+            clock = time.perf_counter()
+            prepared = np.stack([inspector.prepare(frame.rgb) for frame in readable])
+            preprocess_ms = (time.perf_counter() - clock) * 1000 / len(readable)
+            clock = time.perf_counter()
+            maps, scores = inspector.infer(prepared)
+            inference_ms = (time.perf_counter() - clock) * 1000 / len(readable)
+            outcomes = zip(maps, scores)
+        for frame in taken:
+            record = self._record(frame)
+            if frame.rgb is None:
+                record["skipped"] = frame.error
+                self.stats.add_skipped(frame.source)
+                self.sinks.handle(Inspected(record))
+                continue
+            anomaly_map, score = next(outcomes)
+            clock = time.perf_counter()
+            inspection = inspector.judge(float(score), anomaly_map)
+            record.update(score=round(inspection.score, 5), threshold=inspector.image_threshold,
+                          verdict=inspection.verdict, regions=[r.to_dict() for r in inspection.regions])
+            stages = {"capture": frame.capture_ms, "preprocess": preprocess_ms, "inference": inference_ms,
+                      "postprocess": (time.perf_counter() - clock) * 1000}
+            record["latency_ms"] = {stage: round(value, 2) for stage, value in stages.items()}
+            clock = time.perf_counter()
+            self.sinks.handle(Inspected(record, frame.rgb, inspection.anomaly_map, inspector.pixel_threshold))
+            self.stats.add({**stages, "output": (time.perf_counter() - clock) * 1000}, inspection.verdict,
+                           frame.source)
+        done = time.perf_counter()
+        if self.last_done is not None and readable:
+            self.stats.add_frame_time((done - self.last_done) * 1000 / len(readable), len(readable))
+        self.last_done = done
+
+
+def inspect_until_done(grabbers: Grabbers, frame_loop: FrameLoop, stop: threading.Event, count: int,
+                       max_frames: int) -> None:
+    """Take up to `count` frames at a time and inspect them, until the sources end, a signal or --max-frames."""
+    stats = frame_loop.stats
+    while not stop.is_set():
+        taken = grabbers.take(count)
+        if not taken:
+            return
+        if max_frames:
+            taken = taken[:max_frames - stats.frames - stats.skipped]
+        frame_loop.inspect(taken)
+        if max_frames and stats.frames + stats.skipped >= max_frames:
+            return

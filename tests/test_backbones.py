@@ -7,7 +7,7 @@ import skimage.data
 import torch
 
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.images import resize
+from edgeinspect.runtime.inference.images import resize
 from edgeinspect.train.backbones import create_classifier, create_feature_extractor
 
 

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeinspect.calibration.cli import eval_app
-from edgeinspect.runtime.cli import app as run_app
+from edgeinspect.runtime.commands.run import app as run_app
 from edgeinspect.train.cli import app as train_app
 
 runner = CliRunner()

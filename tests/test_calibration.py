@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from edgeinspect.calibration.cli import calibrate_app
 from edgeinspect.calibration.thresholds import RunningMoments, normality, threshold_summary
-from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.inspector import Inspector
+from edgeinspect.runtime.inference.inspector import Inspector
 
 
 def summary(values, method, k=3.0, fpr=0.1):

@@ -7,7 +7,7 @@ import torch
 
 from edgeinspect.runtime.console import progress_bar
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
-from edgeinspect.runtime.images import load_resized, read_image, resize
+from edgeinspect.runtime.inference.images import load_resized, read_image, resize
 from edgeinspect.train.dfr import DFRConfig, fit_dfr, latent_for_variance, sampled_vectors
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edgeinspect.runtime import backends, cuda_device
-from edgeinspect.runtime.backends import (BACKENDS, OrtCudaBackend, OrtTensorRTBackend,
+from edgeinspect.runtime.inference import backends, cuda_device
+from edgeinspect.runtime.inference.backends import (BACKENDS, OrtCudaBackend, OrtTensorRTBackend,
                                           open_backend)
-from edgeinspect.runtime.bundle import load_bundle
-from edgeinspect.runtime.cuda_device import CudaBindingsDevice, CudaUnavailable, open_cuda
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.cuda_device import CudaBindingsDevice, CudaUnavailable, open_cuda
 
 from test_layering import BLOCK_TORCH
 
@@ -173,7 +173,7 @@ def test_a_missing_provider_library_is_named(tmp_path):
                     "-Wl,-soname,libghost.so.10"], check=True)
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", tmp_path / "libprovider.so", tmp_path / "provider.c",
                     tmp_path / "libghost.so.10", "-Wl,-rpath,$ORIGIN"], check=True)
-    probe = "import sys; from edgeinspect.runtime.backends import missing_shared_library as m; print(m(sys.argv[1]))"
+    probe = "import sys; from edgeinspect.runtime.inference.backends import missing_shared_library as m; print(m(sys.argv[1]))"
     run = [sys.executable, "-c", probe, str(tmp_path / "libprovider.so")]  # a fresh process: nothing loaded yet
     assert subprocess.run(run, capture_output=True, text=True, check=True).stdout.strip() == "None"
     (tmp_path / "libghost.so.10").unlink()

@@ -13,7 +13,7 @@ from edgeinspect.calibration.cli import eval_app
 from edgeinspect.calibration.evaluate import read_mask
 from edgeinspect.runtime import datasets
 from edgeinspect.runtime.datasets import open_dataset
-from edgeinspect.runtime.images import load_resized, read_image
+from edgeinspect.runtime.inference.images import load_resized, read_image
 from edgeinspect.train.patchcore import (MemoryBank, PatchCoreConfig, bank_neighbours,
                                          coverage_radius, extract_patches, greedy_coreset, pooled_greedy_coreset,
                                          random_projection, untrained_patchcore)

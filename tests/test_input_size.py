@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeinspect.calibration.cli import eval_app
-from edgeinspect.runtime.bundle import load_bundle
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.images import read_image
-from edgeinspect.runtime.inspector import Inspector
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.images import read_image
+from edgeinspect.runtime.inference.inspector import Inspector
 from edgeinspect.train.input_size import PIXEL_BUDGET, PIXEL_FLOOR, choose_input_size, image_sizes
 
 from conftest import calibrated_bundle, small_magnetic_tile, write

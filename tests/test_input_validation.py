@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from edgeinspect.calibration.cli import calibrate_app, eval_app
 from edgeinspect.export.cli import app as export_app
-from edgeinspect.runtime.bench import app as bench_app
-from edgeinspect.runtime.bundle import BUNDLE_RECORD, Bundle, load_bundle, validate_record
+from edgeinspect.runtime.commands.bench import app as bench_app
+from edgeinspect.runtime.inference.bundle import BUNDLE_RECORD, Bundle, load_bundle, validate_record
 from edgeinspect.runtime.console import InspectError
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.files import remove_stale_staging, staging_dir, writable_dir, writable_file_parent
-from edgeinspect.runtime.images import read_image
+from edgeinspect.runtime.inference.images import read_image
 from edgeinspect.train.cli import app as train_app
 from edgeinspect.train.cli import parse_size
 

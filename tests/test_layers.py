@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from edgeinspect.runtime.images import resize
+from edgeinspect.runtime.inference.images import resize
 
 from edgeinspect.train.layers import MapToImage, gaussian_kernel
 

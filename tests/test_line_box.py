@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgeinspect.runtime.cli import app as run_app
+from edgeinspect.runtime.commands.run import app as run_app
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.live_view import LiveView
-from edgeinspect.runtime.out_folder import OutLock, parse_bytes
-from edgeinspect.runtime.overlays import DiskBudget
-from edgeinspect.runtime.run_log import JsonLog, cut_partial_line
-from edgeinspect.runtime.sinks import Inspected
-from edgeinspect.runtime.sources import FolderSource
+from edgeinspect.runtime.outputs.live_view import LiveView
+from edgeinspect.runtime.outputs.out_folder import OutLock, parse_bytes
+from edgeinspect.runtime.outputs.overlays import DiskBudget
+from edgeinspect.runtime.outputs.run_log import JsonLog, cut_partial_line
+from edgeinspect.runtime.outputs.sinks import Inspected
+from edgeinspect.runtime.capture.sources import FolderSource
 
 runner = CliRunner()
-RUN = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()"]
+RUN = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()"]
 
 
 def frame_records(lines: list[str]) -> list[dict]:
@@ -149,7 +149,7 @@ def tmpfs(path: Path, size: str):
 
 def test_a_full_disk_does_not_stop_the_run_and_no_line_is_lost(patchcore_bundle, mvtec_like, tmp_path):
     out = tmp_path / "small-disk"
-    tmpfs(out, "1M")
+    tmpfs(out, "8M")  # room for what the run writes, at hundreds of frames/s, once the ballast is gone
     video = video_of(mvtec_like / "test" / "good", tmp_path / "line.avi")
     process = subprocess.Popen(RUN + [str(patchcore_bundle), "--source", str(video), "--loop", "--save", "none",
                                       "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -289,8 +289,8 @@ def test_bad_run_options_are_one_line_errors(patchcore_bundle, mvtec_like, tmp_p
 
 
 def test_the_frames_of_all_sources_are_taken_together(mvtec_like):
-    from edgeinspect.runtime.frame_loop import Grabber, Grabbers
-    from edgeinspect.runtime.images import list_images
+    from edgeinspect.runtime.capture.grabbers import Grabber, Grabbers
+    from edgeinspect.runtime.inference.images import list_images
 
     stop, condition = threading.Event(), threading.Condition()
     folders = [mvtec_like / "test" / "good", mvtec_like / "test" / "pasted"]

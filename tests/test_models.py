@@ -8,9 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from edgeinspect.calibration.cli import eval_app
-from edgeinspect.runtime.backends import OpenVinoBackend, OrtCpuBackend
-from edgeinspect.runtime.bundle import load_bundle
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.inference.backends import OpenVinoBackend, OrtCpuBackend
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.train.registry import MODEL_KINDS
 from edgeinspect.train.run import load_run
 
@@ -75,7 +75,7 @@ def test_calibration_and_evaluation_work_unchanged(kind_bundle, mvtec_like, tmp_
 def test_a_graph_openvino_cannot_compile_is_passed_over(patchcore_bundle, tmp_path):
     import shutil
 
-    from edgeinspect.runtime.backends import BackendUnavailable, open_backend
+    from edgeinspect.runtime.inference.backends import BackendUnavailable, open_backend
     from edgeinspect.runtime.console import InspectError
 
     broken = tmp_path / "bundle"

@@ -18,8 +18,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.mqtt_sink import MqttSink, MqttTarget, parse_mqtt_url
-from edgeinspect.runtime.sinks import Inspected
+from edgeinspect.runtime.outputs.mqtt import MqttSink, MqttTarget, parse_mqtt_url
+from edgeinspect.runtime.outputs.sinks import Inspected
 
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ["/usr/sbin/mosquitto"] if Path(p).is_file()), None)
 PREFIX = "plant/line1"
@@ -294,8 +294,8 @@ def test_a_missing_ca_file_is_a_one_line_error(tmp_path):
 SINK_THAT_GETS_KILLED = """
 import sys, time
 from pathlib import Path
-from edgeinspect.runtime.mqtt_sink import MqttSink, MqttTarget
-from edgeinspect.runtime.sinks import Inspected
+from edgeinspect.runtime.outputs.mqtt import MqttSink, MqttTarget
+from edgeinspect.runtime.outputs.sinks import Inspected
 sink = MqttSink(MqttTarget("127.0.0.1", int(sys.argv[1]), sys.argv[2], False), Path(sys.argv[3]), "run-will", dict)
 sink.handle(Inspected(record={"run": "run-will", "seq": 0, "frame": "a.png", "source": "cam0", "time": "t"}))
 while sink.queued:
@@ -353,7 +353,7 @@ def test_inspect_run_publishes_every_frame_through_a_broker_outage(broker, subsc
         writer.write(cv2.imread(str(image)))
     writer.release()
     out = tmp_path / "out"
-    command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(patchcore_bundle),
+    command = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()", str(patchcore_bundle),
                "--source", str(video), "--loop", "--max-frames", "2000", "--save", "none", "--out", str(out),
                "--mqtt", f"mqtt://127.0.0.1:{broker.port}/{PREFIX}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -29,17 +29,17 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 import pytest
-from edgeinspect.runtime.cli import app as run_app
-from edgeinspect.runtime.collect import CollectSink
-from edgeinspect.runtime.health import Health, Limits, log_listener
-from edgeinspect.runtime.live_view import LiveView, LiveViewSink
-from edgeinspect.runtime.run_log import JsonLog
-from edgeinspect.runtime.sinks import Inspected
+from edgeinspect.runtime.commands.run import app as run_app
+from edgeinspect.runtime.outputs.collect import CollectSink
+from edgeinspect.runtime.outputs.health import Health, Limits, log_listener
+from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink
+from edgeinspect.runtime.outputs.run_log import JsonLog
+from edgeinspect.runtime.outputs.sinks import Inspected
 from conftest import calibrated_bundle
 from typer.testing import CliRunner
 
 runner = CliRunner()
-RUN = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()"]
+RUN = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None,
                                     reason="headless Chromium not installed (Debian package chromium)")
@@ -625,7 +625,7 @@ def test_collect_saves_n_frames_losslessly_then_stops(tmp_path, capsys):
 def test_many_viewers_stay_bounded_and_cost_the_frame_loop_nothing_more(monkeypatch):
     """40 clients polling as fast as they can: at most --view-clients connections are served at once (the rest
     get 503), /stats.json is rebuilt at most 4 times a second and each frame is encoded once, whoever asks."""
-    import edgeinspect.runtime.live_view as live_view_module
+    import edgeinspect.runtime.outputs.live_view as live_view_module
 
     view = LiveView("127.0.0.1", 0, max_clients=4, timeout_s=2.0)
     source = FakeGrabber("cam")

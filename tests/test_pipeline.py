@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeinspect.calibration.cli import eval_app
-from edgeinspect.runtime.bundle import load_bundle
-from edgeinspect.runtime.cli import app as run_app
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.commands.run import app as run_app
 
 runner = CliRunner()
 

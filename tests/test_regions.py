@@ -1,7 +1,7 @@
 import numpy as np
 from scipy import ndimage
 
-from edgeinspect.runtime.regions import find_regions
+from edgeinspect.runtime.inference.regions import find_regions
 
 
 def test_regions_are_the_connected_components_with_their_area_and_peak():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgeinspect.runtime.cli import app as run_app
+from edgeinspect.runtime.commands.run import app as run_app
 
 runner = CliRunner()
 
@@ -111,7 +111,7 @@ def test_batches_give_the_same_scores_as_single_frames(patchcore_bundle, mvtec_l
 
 def test_sigterm_stops_cleanly_with_a_summary_and_no_lost_line(patchcore_bundle, mjpeg_server, tmp_path):
     url, _ = mjpeg_server
-    command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(patchcore_bundle),
+    command = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()", str(patchcore_bundle),
                "--source", url, "--out", str(tmp_path), "--save", "none"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ, COLUMNS="200"))
@@ -134,7 +134,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package chromium)")
 def test_live_view_page_shows_a_frame_in_headless_chromium(patchcore_bundle, mjpeg_server, tmp_path):
     url, _ = mjpeg_server
-    command = [sys.executable, "-c", "from edgeinspect.runtime.cli import main; main()", str(patchcore_bundle),
+    command = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()", str(patchcore_bundle),
                "--source", url, "--out", str(tmp_path), "--save", "none", "--view", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ, COLUMNS="200"))
@@ -158,7 +158,7 @@ def test_live_view_page_shows_a_frame_in_headless_chromium(patchcore_bundle, mjp
 
 
 def test_inspect_bench_reports_backends_and_the_pipeline(patchcore_bundle, tmp_path):
-    from edgeinspect.runtime.bench import app as bench_app
+    from edgeinspect.runtime.commands.bench import app as bench_app
 
     result = runner.invoke(bench_app, [str(patchcore_bundle), "--frames", "20", "--runs", "3", "--batch", "2",
                                        "--out", str(tmp_path / "bench.json")])
@@ -175,8 +175,8 @@ def test_inspect_bench_reports_backends_and_the_pipeline(patchcore_bundle, tmp_p
 def test_inspector_keeps_numpy_blas_off_the_inference_cores(patchcore_bundle):
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from edgeinspect.runtime.bundle import load_bundle
-    from edgeinspect.runtime.inspector import Inspector
+    from edgeinspect.runtime.inference.bundle import load_bundle
+    from edgeinspect.runtime.inference.inspector import Inspector
 
     blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
     if not blas:

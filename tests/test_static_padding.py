@@ -3,7 +3,7 @@ import torch
 from timm.layers import Conv2dSame
 
 from edgeinspect.export.static_padding import StaticPadConv2d, with_static_padding
-from edgeinspect.runtime.bundle import load_bundle
+from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.train.backbones import create_feature_extractor
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.runtime.console import progress_bar
 from edgeinspect.train.layers import upsample
 from edgeinspect.train.stpm import STPMConfig, build_stpm, fit_stpm, level_maps
@@ -59,7 +59,7 @@ def test_a_random_init_model_exports_with_parity(tmp_path):
     import numpy as np
 
     from edgeinspect.export.onnx_export import check_parity, export_onnx
-    from edgeinspect.runtime.bundle import Bundle
+    from edgeinspect.runtime.inference.bundle import Bundle
 
     model = build_stpm(CONFIG, pretrained=False).eval()
     export_onnx(model, tmp_path / "model.onnx", (64, 64), 17)

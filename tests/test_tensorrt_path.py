@@ -15,9 +15,9 @@ from edgeinspect.export.cli import app as export_app
 from edgeinspect.export.precision import convert_fp16
 from edgeinspect.export.tensorrt_check import SUPPORT, check_tensorrt
 from edgeinspect.export.tensorrt_engine import tensorrt_unavailable
-from edgeinspect.runtime.backends import BackendUnavailable, OrtCpuBackend, check_engine_matches_device, open_backend
-from edgeinspect.runtime.bundle import load_bundle
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.inference.backends import BackendUnavailable, OrtCpuBackend, check_engine_matches_device, open_backend
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.images import load_resized
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from edgeinspect.calibration.metrics import auroc
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.train.cli import app as train_app
 from edgeinspect.train.patchcore import (bank_neighbours, coverage_radius, extract_patches, greedy_coreset,
                                          random_projection)

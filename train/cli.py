@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from edgeinspect.runtime.bundle import MAX_INPUT_SIDE
 from edgeinspect.runtime.console import InspectError, console, one_line_errors
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
+from edgeinspect.runtime.inference.bundle import MAX_INPUT_SIDE
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 

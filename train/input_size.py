@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.images import read_image
+from edgeinspect.runtime.inference.images import read_image
 
 PIXEL_BUDGET = 448 * 448  # 3.1× the pixels of 256×256, and about that per frame (the bank's size is bounded)
 PIXEL_FLOOR = 256 * 256  # smaller images are upscaled to this: ImageNet backbones see parts at about 224 px

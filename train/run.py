@@ -14,7 +14,7 @@ import torch
 from edgeinspect.runtime.console import InspectError, progress_bar
 from edgeinspect.runtime.datasets import Dataset, split_fit_validation
 from edgeinspect.runtime.files import atomic_write_bytes, atomic_write_json, remove_stale_staging, writable_dir
-from edgeinspect.runtime.images import load_resized
+from edgeinspect.runtime.inference.images import load_resized
 
 from .backbones import Normalization
 from .configs import ModelConfig

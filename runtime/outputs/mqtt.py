@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 
-from .console import InspectError, warn
-from .sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.console import InspectError, warn
+from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
 
 WINDOW = 32  # frame messages in flight (sent, PUBACK awaited) at once: throughput without unbounded memory
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}

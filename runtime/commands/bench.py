@@ -19,17 +19,18 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from .backends import BACKENDS, BackendUnavailable, open_backend
-from .bundle import load_bundle
-from .console import InspectError, console, one_line_errors
-from .files import writable_file_parent
-from .frame_loop import Grabber, LatencyStats, check_batch_and_threads
-from .inspector import Inspector
-from .out_folder import new_run_id
-from .overlays import OverlayStore
-from .run_log import JsonLog
-from .sinks import Sinks
-from .sources import open_source
+from edgeinspect.runtime.capture.grabbers import Grabber
+from edgeinspect.runtime.capture.sources import open_source
+from edgeinspect.runtime.console import InspectError, console, one_line_errors
+from edgeinspect.runtime.files import writable_file_parent
+from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads
+from edgeinspect.runtime.inference.backends import BACKENDS, BackendUnavailable, open_backend
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.inspector import Inspector
+from edgeinspect.runtime.outputs.out_folder import new_run_id
+from edgeinspect.runtime.outputs.overlays import OverlayStore
+from edgeinspect.runtime.outputs.run_log import JsonLog
+from edgeinspect.runtime.outputs.sinks import Sinks
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -111,7 +112,6 @@ def pipeline(bundle_dir: Path, video: Path, frames: int, backend: str, threads: 
     """inspect-run's loop on `frames` frames of the video played in a loop (mode every, NG overlays saved,
     the JSON log written), without console output. `view`: with the live page and its health alarms, as
     `inspect-run --view` has them, and one client polling the page as a browser does."""
-    from .cli import FrameLoop
 
     bundle = load_bundle(bundle_dir)
     inspector = Inspector(bundle, backend, threads)
@@ -122,8 +122,8 @@ def pipeline(bundle_dir: Path, video: Path, frames: int, backend: str, threads: 
     run_id = new_run_id()
     sinks = Sinks([OverlayStore(out, "ng", run_id), JsonLog(out)])
     if view:
-        from .health import Health, HealthSink
-        from .live_view import LiveView, LiveViewSink, about_run
+        from edgeinspect.runtime.outputs.health import Health, HealthSink
+        from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink, about_run
 
         health = Health(bundle.thresholds, bundle_dir, out, [grabber], "every")
         live_view = LiveView("127.0.0.1", 0)

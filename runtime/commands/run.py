@@ -4,29 +4,28 @@ import contextlib
 import json
 import signal
 import threading
-import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.markup import escape
 
-from .bundle import load_bundle
-from .collect import CollectSink
-from .console import InspectError, console, one_line_errors, warn
-from .files import atomic_write_json, writable_dir
-from .frame_loop import Frame, Grabber, Grabbers, LatencyStats, check_batch_and_threads
-from .health import Health, HealthSink, console_listener, log_listener
-from .inspector import Inspector
-from .live_view import LiveView, LiveViewSink, about_run
-from .out_folder import OutLock, new_run_id, parse_bytes, positive_finite
-from .overlays import DiskBudget, OverlayStore
-from .run_log import JsonLog
-from .sinks import Inspected, RateLimitedWarning, Sink, Sinks
-from .sources import open_source
+from edgeinspect.runtime.capture.grabbers import Grabber, Grabbers
+from edgeinspect.runtime.capture.sources import open_source
+from edgeinspect.runtime.console import InspectError, console, one_line_errors, warn
+from edgeinspect.runtime.files import atomic_write_json, writable_dir
+from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads, inspect_until_done
+from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.inspector import Inspector
+from edgeinspect.runtime.outputs.collect import CollectSink
+from edgeinspect.runtime.outputs.console_sink import ConsoleSink
+from edgeinspect.runtime.outputs.health import Health, HealthSink, console_listener, log_listener
+from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink, about_run
+from edgeinspect.runtime.outputs.out_folder import OutLock, new_run_id, parse_bytes, positive_finite
+from edgeinspect.runtime.outputs.overlays import DiskBudget, OverlayStore
+from edgeinspect.runtime.outputs.run_log import JsonLog
+from edgeinspect.runtime.outputs.sinks import RateLimitedWarning, Sinks
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -165,7 +164,7 @@ def run(
             outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
                                               about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)))
         if mqtt:
-            from .mqtt_sink import MqttSink, parse_mqtt_url
+            from edgeinspect.runtime.outputs.mqtt import MqttSink, parse_mqtt_url
 
             publisher = MqttSink(parse_mqtt_url(mqtt), out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
                                  mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key)
@@ -203,21 +202,6 @@ def log_rotation(log_rotate: str | None, max_bytes: int | None) -> tuple[int | N
     return (max(max_bytes // 10, 4096) if max_bytes else None), False
 
 
-def inspect_until_done(grabbers: Grabbers, frame_loop: "FrameLoop", stop: threading.Event, count: int,
-                       max_frames: int) -> None:
-    """Take up to `count` frames at a time and inspect them, until the sources end, a signal or --max-frames."""
-    stats = frame_loop.stats
-    while not stop.is_set():
-        taken = grabbers.take(count)
-        if not taken:
-            return
-        if max_frames:
-            taken = taken[:max_frames - stats.frames - stats.skipped]
-        frame_loop.inspect(taken)
-        if max_frames and stats.frames + stats.skipped >= max_frames:
-            return
-
-
 def report(result: dict, out: Path, sources: list[str]) -> None:
     """The run's last console line; a run that read no frame at all is an error, with where the reasons are."""
     total = result.get("total_ms", {})
@@ -246,75 +230,6 @@ def source_labels(sources: list[str]) -> list[str]:
         repeats = sum(1 for earlier in sources[:len(labels)] if earlier == text)
         labels.append(text if not repeats else f"{text}#{repeats + 1}")
     return labels
-
-
-class ConsoleSink(Sink):
-    """verbose: True prints every frame, None only NG frames (cameras), False nothing."""
-
-    def __init__(self, verbose: bool | None):
-        self.verbose = verbose
-
-    def handle(self, item: Inspected) -> None:
-        record = item.record
-        if item.skipped:
-            if self.verbose is not False:
-                console.print(escape(f"{record['name']}: skipped ({record['skipped']})"))
-        elif self.verbose is True or (self.verbose is None and item.verdict == "NG"):
-            console.print(escape(f"{record['name']}: {item.verdict or '-'} score {record['score']:.3f}"
-                                 + (f" → {record['overlay']}" if "overlay" in record else "")))
-
-
-class FrameLoop:
-    """Resize → one inference call for the frames taken (of every source) → one record per frame, in order,
-    handed to the sinks. `seq` numbers the records of the run (skipped frames too), so a consumer can tell
-    a gap from a duplicate."""
-
-    def __init__(self, inspector: Inspector, sinks: Sinks, stats: LatencyStats, run_id: str):
-        self.inspector, self.sinks, self.stats, self.run_id = inspector, sinks, stats, run_id
-        self.seq = 0
-        self.last_done: float | None = None
-
-    def _record(self, frame: Frame) -> dict:
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "run": self.run_id,
-                  "seq": self.seq, "frame": frame.index, "name": frame.name, "source": frame.source}
-        self.seq += 1
-        return record
-
-    def inspect(self, taken: list[Frame]) -> None:
-        inspector = self.inspector
-        readable = [frame for frame in taken if frame.rgb is not None]
-        outcomes = iter(())
-        if readable:
-            clock = time.perf_counter()
-            prepared = np.stack([inspector.prepare(frame.rgb) for frame in readable])
-            preprocess_ms = (time.perf_counter() - clock) * 1000 / len(readable)
-            clock = time.perf_counter()
-            maps, scores = inspector.infer(prepared)
-            inference_ms = (time.perf_counter() - clock) * 1000 / len(readable)
-            outcomes = zip(maps, scores)
-        for frame in taken:
-            record = self._record(frame)
-            if frame.rgb is None:
-                record["skipped"] = frame.error
-                self.stats.add_skipped(frame.source)
-                self.sinks.handle(Inspected(record))
-                continue
-            anomaly_map, score = next(outcomes)
-            clock = time.perf_counter()
-            inspection = inspector.judge(float(score), anomaly_map)
-            record.update(score=round(inspection.score, 5), threshold=inspector.image_threshold,
-                          verdict=inspection.verdict, regions=[r.to_dict() for r in inspection.regions])
-            stages = {"capture": frame.capture_ms, "preprocess": preprocess_ms, "inference": inference_ms,
-                      "postprocess": (time.perf_counter() - clock) * 1000}
-            record["latency_ms"] = {stage: round(value, 2) for stage, value in stages.items()}
-            clock = time.perf_counter()
-            self.sinks.handle(Inspected(record, frame.rgb, inspection.anomaly_map, inspector.pixel_threshold))
-            self.stats.add({**stages, "output": (time.perf_counter() - clock) * 1000}, inspection.verdict,
-                           frame.source)
-        done = time.perf_counter()
-        if self.last_done is not None and readable:
-            self.stats.add_frame_time((done - self.last_done) * 1000 / len(readable), len(readable))
-        self.last_done = done
 
 
 def main():

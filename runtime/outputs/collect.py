@@ -12,9 +12,9 @@ from pathlib import Path
 
 import cv2
 
-from .console import InspectError, console
-from .files import atomic_write_bytes, writable_dir
-from .sinks import Inspected, Sink
+from edgeinspect.runtime.console import InspectError, console
+from edgeinspect.runtime.files import atomic_write_bytes, writable_dir
+from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 
 class CollectSink(Sink):

@@ -11,9 +11,9 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from .console import InspectError, warn
-from .datasets import BUILTIN_DATASETS, open_dataset
-from .images import IMAGE_SUFFIXES, list_images, read_image, to_rgb
+from edgeinspect.runtime.console import InspectError, warn
+from edgeinspect.runtime.datasets import BUILTIN_DATASETS, open_dataset
+from edgeinspect.runtime.inference.images import IMAGE_SUFFIXES, list_images, read_image, to_rgb
 
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 10.0
 

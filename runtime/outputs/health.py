@@ -27,8 +27,8 @@ from pathlib import Path
 
 import cv2
 
-from .console import console, warn
-from .sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.console import console, warn
+from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
 
 
 @dataclass(frozen=True)

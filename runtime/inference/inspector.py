@@ -8,11 +8,11 @@ from typing import Iterator
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .backends import open_backend
-from .bundle import Bundle
-from .console import InspectError, warn
-from .images import decodable, resize
-from .regions import Region, find_regions
+from edgeinspect.runtime.console import InspectError, warn
+from edgeinspect.runtime.inference.backends import open_backend
+from edgeinspect.runtime.inference.bundle import Bundle
+from edgeinspect.runtime.inference.images import decodable, resize
+from edgeinspect.runtime.inference.regions import Region, find_regions
 
 
 @dataclass

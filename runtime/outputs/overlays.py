@@ -10,9 +10,9 @@ from pathlib import Path
 
 import cv2
 
-from .files import atomic_write_bytes
-from .run_log import LOG_FILE
-from .sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.files import atomic_write_bytes
+from edgeinspect.runtime.outputs.run_log import LOG_FILE
+from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
 
 OVERLAY_FOLDER = "overlays"
 

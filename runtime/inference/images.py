@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .console import InspectError, warn
+from edgeinspect.runtime.console import InspectError, warn
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
-from .console import InspectError
-from .cuda_device import CudaUnavailable, open_cuda
-from .files import cache_dir
+from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.files import cache_dir
+from edgeinspect.runtime.inference.bundle import Bundle
+from edgeinspect.runtime.inference.cuda_device import CudaUnavailable, open_cuda
 
 
 class BackendUnavailable(InspectError):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import jsonschema
 
-from .console import InspectError
-from .files import atomic_write_bytes, sha256_file
+from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.files import atomic_write_bytes, sha256_file
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_RECORD = "bundle.json"

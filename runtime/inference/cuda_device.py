@@ -9,7 +9,7 @@ import ctypes
 
 import numpy as np
 
-from .console import InspectError
+from edgeinspect.runtime.console import InspectError
 
 
 class CudaUnavailable(InspectError):

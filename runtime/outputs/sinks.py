@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .console import warn
-from .regions import heat_overlay
+from edgeinspect.runtime.console import warn
+from edgeinspect.runtime.inference.regions import heat_overlay
 
 
 @dataclass

@@ -8,7 +8,7 @@ import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .console import InspectError
+from edgeinspect.runtime.console import InspectError
 
 LOCK_FILE = ".inspect-run.lock"
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,

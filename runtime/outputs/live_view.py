@@ -29,10 +29,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .console import InspectError
-from .regions import heat_overlay
-from .run_log import json_line
-from .sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.inference.regions import heat_overlay
+from edgeinspect.runtime.outputs.run_log import json_line
+from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
 
 PAGE = r"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1"><link rel="icon" href="data:,">

@@ -1,0 +1,1 @@
+"""The commands of the edge box: inspect-run and inspect-bench."""
