@@ -33,3 +33,13 @@ def test_the_base_install_runs_a_bundle_without_torch(patchcore_bundle, mvtec_li
     assert len(lines) == 6 and all(json.loads(line)["verdict"] in ("OK", "NG") for line in lines)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "openvino" and summary["frames"] == 6
+
+
+def test_the_wheel_carries_the_operator_page(tmp_path):
+    """A non-editable install gets the page's files too: they are package data of edgeinspect.runtime.outputs."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=600)
+    names = zipfile.ZipFile(next(tmp_path.glob("edge_inspect-*.whl"))).namelist()
+    assert {f"edgeinspect/runtime/outputs/operator_page/page.{suffix}" for suffix in ("html", "css", "js")} <= set(names)

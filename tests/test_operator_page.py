@@ -32,7 +32,7 @@ import pytest
 from edgeinspect.runtime.commands.run import app as run_app
 from edgeinspect.runtime.outputs.collect import CollectSink
 from edgeinspect.runtime.outputs.health import Health, Limits, log_listener
-from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink
+from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink, operator_page
 from edgeinspect.runtime.outputs.run_log import JsonLog
 from edgeinspect.runtime.outputs.sinks import Inspected
 from conftest import calibrated_bundle
@@ -769,3 +769,17 @@ def test_mjpeg_bottles_raise_the_alarm_and_recalibrating_on_collected_frames_end
     after = json.loads((tmp_path / "after" / "summary.json").read_text())
     assert after["alarms"] == [] and after["ng"] <= 0.05 * after["frames"], after
     assert not [line for line in read_log(tmp_path / "after") if "alarm" in line]
+
+
+def test_the_page_is_its_files_with_their_css_and_js_inlined_and_fetches_nothing():
+    """The served page is page.html with page.css and page.js in it (one response), and names no other resource
+    but inline data: nothing to fetch, from the box or from the internet."""
+    import re
+    from importlib import resources
+
+    folder = resources.files("edgeinspect.runtime.outputs") / "operator_page"
+    page = operator_page().decode()
+    assert f"<style>\n{(folder / 'page.css').read_text()}</style>" in page
+    assert f"<script>\n{(folder / 'page.js').read_text()}</script>" in page
+    assert page.startswith("<!doctype html>") and 'href="page.css"' not in page and 'src="page.js"' not in page
+    assert not re.findall(r'(?:src|href)="(?!data:|#)[^"]+"', page)

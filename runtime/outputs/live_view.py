@@ -1,5 +1,6 @@
-"""--view: the operator's page for the line, served by the box itself (one inline page: no build step, nothing
-fetched from the internet), and the annotated stream and statistics for tools.
+"""--view: the operator's page for the line, served by the box itself (one document, its HTML, CSS and
+JavaScript from operator_page/ inlined: no build step, nothing fetched from the internet), and the annotated
+stream and statistics for tools.
 
     /             the page: per source the current verdict (OK green, NG red, grey without calibration), the score
                   against the threshold as a bar, counters since start and for the last hour (inspected, NG,
@@ -24,6 +25,7 @@ import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from pathlib import Path
 
 import cv2
@@ -34,296 +36,20 @@ from edgeinspect.runtime.inference.regions import heat_overlay
 from edgeinspect.runtime.outputs.run_log import json_line
 from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
 
-PAGE = r"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="icon" href="data:,">
-<title>edge-inspect · line</title>
-<style>
-:root{--ok:#1b8a3a;--ng:#c62828;--grey:#5f6368;--amber:#b26a00;--bg:#101214;--panel:#1b1e22;--line:#2c3036;--fg:#eceff1;--dim:#9aa0a6}
-*{box-sizing:border-box}body{margin:0;font:15px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:var(--bg);color:var(--fg)}
-header{display:flex;flex-wrap:wrap;gap:.4em 1.4em;align-items:baseline;padding:.55em 1em;background:#000;border-bottom:1px solid var(--line)}
-header .brand{font-weight:700;font-size:1.15em}header .item{color:var(--dim)}header .item b{color:var(--fg);font-weight:600}
-#conn{margin-left:auto;font-weight:600}#conn.conn-lost{color:#ff8a80}#conn.conn-live{color:#8bd59b}
-.banner{margin:.6em 1em 0;padding:.7em 1em;border-radius:6px;font-size:1.05em}
-.banner.grey{background:#2f3338;border-left:8px solid var(--grey)}
-.alarm{background:#4a1010;border-left:8px solid #ff5252}.alarm b{display:block;font-size:1.1em;margin-bottom:.2em}
-.alarm code,.banner code{background:#0006;padding:0 .3em;border-radius:3px;word-break:break-all}
-#cleared{margin:.4em 1em 0;color:var(--dim);font-size:.9em}
-#tiles{display:grid;grid-template-columns:repeat(auto-fit,minmax(430px,1fr));gap:12px;padding:12px 1em}
-.tile{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:.7em;min-width:0}
-.tile h2{margin:0 0 .45em;font-size:1em;font-weight:600;color:var(--dim);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.verdict{display:flex;align-items:baseline;gap:.5em;padding:.1em .45em;border-radius:6px;color:#fff}
-.verdict .word{font-size:4.2em;font-weight:800;letter-spacing:.04em;line-height:1.05}.verdict .sub{font-size:1.05em;opacity:.9}
-.verdict.ok{background:var(--ok)}.verdict.ng{background:var(--ng)}.verdict.grey{background:var(--grey)}.verdict.stale{opacity:.45}
-.bar{position:relative;height:20px;margin:.6em 0 .2em;background:#2c3036;border-radius:4px;overflow:hidden}
-.bar .fill{position:absolute;left:0;top:0;bottom:0;width:0;background:var(--ok)}.bar .fill.over{background:var(--ng)}.bar .fill.grey{background:#8d949b}
-.bar .mark{position:absolute;top:0;bottom:0;width:3px;margin-left:-1px;background:#fff}
-.score{color:var(--dim);font-size:.95em}.score b{color:var(--fg)}
-.body{display:flex;gap:.8em;margin-top:.6em;align-items:flex-start}
-.live{width:46%;max-width:420px;aspect-ratio:1;object-fit:contain;background:#000;border:1px solid var(--line);border-radius:4px}
-table.counters{border-collapse:collapse;flex:1;font-variant-numeric:tabular-nums}
-.counters th,.counters td{padding:.18em .5em;text-align:right;border-bottom:1px solid var(--line)}
-.counters th:first-child{text-align:left;color:var(--dim);font-weight:500}.counters thead th{color:var(--dim);font-weight:500;font-size:.9em}
-.counters td{font-size:1.1em}.counters td.bad{color:#ff8a80}
-.trend{display:block;width:100%;height:96px;margin-top:.6em;background:#14171a;border:1px solid var(--line);border-radius:4px}
-.axis{display:flex;justify-content:space-between;color:var(--dim);font-size:.8em}
-#totals{margin:0 1em;padding:.6em .7em;background:var(--panel);border:1px solid var(--line);border-radius:8px}
-#totals h2,#ng h2{margin:0 0 .4em;font-size:1em;color:var(--dim);font-weight:600}
-#ng{margin:0 1em 1em;padding:.6em .7em;background:var(--panel);border:1px solid var(--line);border-radius:8px}
-#ng-strip{display:flex;gap:8px;overflow-x:auto}#ng-strip .empty{color:var(--dim);margin:.3em 0}
-.thumb{margin:0;cursor:pointer;background:#000;border:2px solid var(--ng);border-radius:4px;width:132px;flex:none}
-.thumb img{display:block;width:128px;height:128px;object-fit:contain}
-.thumb figcaption{font-size:.75em;padding:.15em .3em;color:var(--dim);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-footer{color:var(--dim);font-size:.8em;padding:0 1em 1em}
-dialog{background:var(--panel);color:var(--fg);border:1px solid var(--line);border-radius:8px;max-width:95vw;max-height:95vh;padding:.8em}
-dialog::backdrop{background:#000b}dialog img{display:block;height:min(75vh,90vw);max-width:90vw;object-fit:contain;margin:.4em 0;background:#000}
-dialog button{float:right;font-size:1em;padding:.2em .8em}
-</style></head>
-<body data-frames="0">
-<header><span class="brand">edge-inspect</span><span class="item">bundle <b id="bundle">…</b></span>
-<span class="item">backend <b id="backend">…</b></span><span class="item">run <b id="run">…</b></span>
-<span id="conn">connecting…</span></header>
-<div id="uncal" class="banner grey" hidden><b>Not calibrated:</b> scores only, no OK/NG. Calibrate on good
-frames from this camera: <code id="uncal-cmd"></code></div>
-<section id="alarms"></section><div id="cleared"></div>
-<main id="tiles"></main>
-<section id="totals" hidden><h2>All sources</h2><table class="counters" data-source="*"></table></section>
-<section id="ng"><h2>Last NG frames <span id="ng-note"></span></h2><div id="ng-strip"><p class="empty">none yet</p></div></section>
-<footer id="footer"></footer>
-<dialog id="viewer"><form method="dialog"><button>close</button></form><div id="viewer-title"></div>
-<img id="viewer-img" alt="NG frame with its anomaly heat map and regions"><div id="viewer-info"></div></dialog>
-<template id="tile-template"><article class="tile"><h2 class="src"></h2>
-<div class="verdict grey"><span class="word">…</span><span class="sub">waiting for frames</span></div>
-<div class="bar"><div class="fill"></div><div class="mark" hidden></div></div><div class="score"></div>
-<div class="body"><img class="live" alt="latest annotated frame"><table class="counters"></table></div>
-<svg class="trend" viewBox="0 0 300 100" preserveAspectRatio="none" aria-label="score trend, last 5 minutes">
-<path class="band" fill="#4f86c655" stroke="none"/><path class="maxline" fill="none" stroke="#8ab4f8" stroke-width="1.5" vector-effect="non-scaling-stroke"/>
-<path class="okdots" fill="none" stroke="#8ab4f8" stroke-width="5" stroke-linecap="round" vector-effect="non-scaling-stroke"/>
-<path class="ngdots" fill="none" stroke="#ff5252" stroke-width="6" stroke-linecap="round" vector-effect="non-scaling-stroke"/>
-<line class="thr" x1="0" x2="300" stroke="#ffffff" stroke-dasharray="5 4" stroke-width="1.2" vector-effect="non-scaling-stroke"/></svg>
-<div class="axis"><span>5 min ago</span><span class="axis-thr"></span><span>now</span></div></article></template>
-<script>
-"use strict";
-const COUNTERS = [["frames", "inspected"], ["ng", "NG"], ["yield", "yield"], ["fps", "frames/s"], ["dropped", "dropped"], ["reconnects", "reconnects"]];
-const PERIODS = [["since_start", "since start"], ["last_hour", "last hour"]];
-const FRAME_EVERY_MS = 950;  // the live picture once a second (the verdict and counters twice): each costs the box an encode
-const $ = (id) => document.getElementById(id);
-const tiles = new Map();
-let failures = 0;
+PAGE_FILES = "operator_page"  # page.html with its page.css and page.js, package data beside this module
 
-function fmt(counter, value) {
-  if (value === null || value === undefined) return "\u2014";
-  if (counter === "yield") return value.toFixed(1) + " %";
-  if (counter === "fps") return value.toFixed(1);
-  return value.toLocaleString("en-US");
-}
-function num(value, digits) { return (value === null || value === undefined) ? "\u2014" : value.toFixed(digits); }
-function short(label) {
-  if (label.includes("://") || label.includes("!")) return label;
-  const parts = label.replace(/\/+$/, "").split("/");
-  return parts[parts.length - 1] || label;
-}
-function clock(iso) { return iso ? new Date(iso).toLocaleTimeString("en-GB") : ""; }
 
-function buildCounters(table) {
-  const head = table.createTHead().insertRow();
-  head.appendChild(document.createElement("th"));
-  for (const [, title] of PERIODS) { const th = document.createElement("th"); th.textContent = title; head.appendChild(th); }
-  const body = table.createTBody();
-  for (const [counter, title] of COUNTERS) {
-    const row = body.insertRow();
-    const th = document.createElement("th"); th.textContent = title; row.appendChild(th);
-    for (const [period] of PERIODS) { const td = row.insertCell(); td.dataset.counter = counter; td.dataset.period = period; }
-  }
-}
-function fillCounters(table, figures) {
-  for (const td of table.querySelectorAll("td")) {
-    const value = (figures[td.dataset.period] || {})[td.dataset.counter];
-    const text = fmt(td.dataset.counter, value);
-    if (td.textContent !== text) td.textContent = text;
-    td.dataset.value = value === null || value === undefined ? "" : String(value);
-    td.classList.toggle("bad", (td.dataset.counter === "ng" || td.dataset.counter === "dropped" || td.dataset.counter === "reconnects") && value > 0);
-  }
-}
-
-function tileFor(source) {
-  let tile = tiles.get(source.index);
-  if (tile) return tile;
-  const node = $("tile-template").content.firstElementChild.cloneNode(true);
-  node.dataset.source = source.label;
-  node.querySelector(".src").textContent = short(source.label);
-  node.querySelector(".src").title = source.label;
-  const table = node.querySelector(".counters");
-  table.dataset.source = source.label;
-  buildCounters(table);
-  const img = node.querySelector(".live");
-  img.addEventListener("load", () => { delete img.dataset.loading; document.body.dataset.frameWidth = img.naturalWidth; });
-  img.addEventListener("error", () => { delete img.dataset.loading; img.dataset.version = ""; });
-  $("tiles").appendChild(node);
-  tile = {node, img, table};
-  tiles.set(source.index, tile);
-  return tile;
-}
-
-function renderTile(stats, source) {
-  const tile = tileFor(source), node = tile.node, last = source.last;
-  const box = node.querySelector(".verdict"), word = node.querySelector(".word"), sub = node.querySelector(".sub");
-  const threshold = stats.threshold;
-  let kind = "grey", text = "\u2026", detail = "waiting for frames";
-  if (last) {
-    const age = stats.now - last.time;
-    if (last.verdict === "OK" || last.verdict === "NG") { kind = last.verdict.toLowerCase(); text = last.verdict; }
-    else { text = "\u2014"; }
-    detail = (stats.calibrated ? "" : "not calibrated \u00b7 ") + (age > 5 ? "last frame " + Math.round(age) + " s ago" : "frame " + last.name);
-    box.classList.toggle("stale", age > 5);
-  }
-  box.className = box.className.replace(/\b(ok|ng|grey)\b/g, "").trim() + " " + kind;
-  word.textContent = text; sub.textContent = detail;
-  const trendMax = Math.max(0, ...source.trend.map((p) => p[2]));
-  const score = last ? last.score : null;
-  const scale = threshold ? 2 * threshold : Math.max(trendMax, score || 0, 1e-9) * 1.25;
-  const fill = node.querySelector(".fill"), mark = node.querySelector(".mark");
-  fill.style.width = (score === null ? 0 : Math.min(100, 100 * score / scale)) + "%";
-  fill.className = "fill" + (!threshold ? " grey" : (score > threshold ? " over" : ""));
-  mark.hidden = !threshold;
-  if (threshold) mark.style.left = (100 * threshold / scale) + "%";
-  const scoreText = node.querySelector(".score");
-  scoreText.replaceChildren("score ", Object.assign(document.createElement("b"), {textContent: num(score, 2)}),
-    threshold ? " \u00b7 threshold " + num(threshold, 2) : " \u00b7 no threshold");
-  fillCounters(tile.table, source);
-  drawTrend(node, source.trend, threshold);
-  const now = Date.now();
-  if (source.frame && tile.img.dataset.version !== String(source.frame) && !tile.img.dataset.loading &&
-      !(now - (tile.fetched || 0) < FRAME_EVERY_MS)) {
-    tile.fetched = now;
-    tile.img.dataset.loading = "1";
-    tile.img.dataset.version = String(source.frame);
-    tile.img.src = "/frame/" + source.index + ".jpg?v=" + source.frame;
-  }
-}
-
-function drawTrend(node, points, threshold) {
-  const values = points.flatMap((p) => [p[1], p[2]]);
-  if (threshold) values.push(threshold);
-  const thr = node.querySelector(".thr");
-  node.querySelector(".axis-thr").textContent = threshold ? "- - threshold " + threshold.toFixed(2) : "";
-  if (!values.length) { for (const cls of [".band", ".maxline", ".okdots", ".ngdots"]) node.querySelector(cls).setAttribute("d", ""); thr.setAttribute("visibility", "hidden"); return; }
-  let lo = Math.min(...values), hi = Math.max(...values);
-  const pad = (hi - lo) * 0.1 || Math.abs(hi) * 0.1 || 1;
-  lo -= pad; hi += pad;
-  const x = (t) => (300 + t).toFixed(1), y = (v) => (100 - 100 * (v - lo) / (hi - lo)).toFixed(1);
-  let line = "", band = "", okDots = "", ngDots = "", previous = null, run = [];
-  const flush = () => {
-    if (!run.length) return;
-    band += "M" + run.map((p) => x(p[0]) + "," + y(p[2])).join("L") + "L" + run.slice().reverse().map((p) => x(p[0]) + "," + y(p[1])).join("L") + "Z";
-    run = [];
-  };
-  for (const p of points) {
-    const gap = previous === null || p[0] - previous > 2;
-    if (gap) flush();
-    line += (gap ? "M" : "L") + x(p[0]) + "," + y(p[2]);
-    run.push(p);
-    const dot = "M" + x(p[0]) + "," + y(p[2]) + "h0.01";
-    if (p[3] > 0) ngDots += dot; else okDots += dot;
-    previous = p[0];
-  }
-  flush();
-  node.querySelector(".band").setAttribute("d", band);
-  node.querySelector(".maxline").setAttribute("d", line);
-  node.querySelector(".okdots").setAttribute("d", okDots);
-  node.querySelector(".ngdots").setAttribute("d", ngDots);
-  thr.setAttribute("visibility", threshold ? "visible" : "hidden");
-  if (threshold) { thr.setAttribute("y1", y(threshold)); thr.setAttribute("y2", y(threshold)); }
-}
-
-function renderAlarms(stats) {
-  const box = $("alarms"), have = new Map([...box.children].map((el) => [el.dataset.id, el]));
-  for (const alarm of stats.alarms) {
-    let el = have.get(alarm.id);
-    if (!el) {
-      el = document.createElement("div"); el.className = "banner alarm"; el.dataset.id = alarm.id;
-      const title = document.createElement("b"); title.textContent = "\u26a0 " + alarm.kind.replace("-", " ") + (alarm.source ? " \u00b7 " + short(alarm.source) : "") + " \u00b7 since " + clock(alarm.raised_at);
-      const message = document.createElement("span");
-      alarm.message.split("`").forEach((part, i) => message.appendChild(i % 2 ? Object.assign(document.createElement("code"), {textContent: part}) : document.createTextNode(part)));
-      el.append(title, message);
-    }
-    box.appendChild(el); have.delete(alarm.id);
-  }
-  for (const el of have.values()) el.remove();
-  const cleared = stats.alarms_cleared.map((a) => a.id + " (" + clock(a.raised_at) + "\u2013" + clock(a.cleared_at) + ")");
-  $("cleared").textContent = cleared.length ? "cleared: " + cleared.join(", ") : "";
-  document.body.dataset.alarms = stats.alarms.map((a) => a.id).join(" ");
-}
-
-function renderNg(stats) {
-  const strip = $("ng-strip"), have = new Map([...strip.querySelectorAll(".thumb")].map((el) => [el.dataset.id, el]));
-  strip.querySelector(".empty")?.remove();
-  for (const frame of stats.ng_frames) {
-    let el = have.get(frame.id);
-    if (!el) {
-      el = document.createElement("figure"); el.className = "thumb"; el.dataset.id = frame.id;
-      const img = document.createElement("img"); img.src = "/ng/" + frame.id + ".jpg"; img.alt = "NG frame " + frame.name;
-      const caption = document.createElement("figcaption");
-      caption.textContent = clock(frame.iso) + " \u00b7 " + num(frame.score, 1) + (tiles.size > 1 ? " \u00b7 " + short(frame.source) : "");
-      el.append(img, caption);
-      el.addEventListener("click", () => openViewer(frame));
-    }
-    strip.appendChild(el); have.delete(frame.id);
-  }
-  for (const el of have.values()) el.remove();
-  if (!stats.ng_frames.length && !strip.children.length) strip.appendChild(Object.assign(document.createElement("p"), {className: "empty", textContent: "none yet"}));
-}
-
-function openViewer(frame) {
-  $("viewer-img").src = "/ng/" + frame.id + ".jpg";
-  $("viewer-title").textContent = frame.source + " \u00b7 frame " + frame.name + " \u00b7 " + clock(frame.iso) + " \u00b7 score " + num(frame.score, 3) + " (threshold " + num(frame.threshold, 3) + ")";
-  const info = $("viewer-info");
-  info.replaceChildren();
-  const list = document.createElement("ol");
-  for (const r of frame.regions) {
-    const item = document.createElement("li");
-    item.textContent = "box x " + r.x + ", y " + r.y + ", " + r.width + "\u00d7" + r.height + " \u00b7 area " + r.area + " px \u00b7 peak " + num(r.peak, 2);
-    list.appendChild(item);
-  }
-  info.append(frame.regions.length ? "regions above the pixel threshold (model input coordinates):" : "no region above the pixel threshold", list);
-  $("viewer").showModal();
-}
-
-function render(stats) {
-  const about = stats.about || {};
-  $("bundle").textContent = (about.bundle || "?") + (about.model ? " (" + about.model + ", " + (about.input_size || []).join("\u00d7") + ")" : "");
-  $("backend").textContent = stats.backend;
-  $("run").textContent = stats.run;
-  $("uncal").hidden = stats.calibrated;
-  $("uncal-cmd").textContent = "inspect-calibrate " + about.bundle_path + " --images DIR";
-  renderAlarms(stats);
-  for (const source of stats.sources) renderTile(stats, source);
-  $("totals").hidden = stats.sources.length < 2;
-  const totals = $("totals").querySelector("table");
-  if (!totals.rows.length) buildCounters(totals);
-  fillCounters(totals, stats);
-  renderNg(stats);
-  $("ng-note").textContent = stats.ng_frames.length ? "(click one for the whole overlay)" : "";
-  const latency = stats.frame_ms ? "frame time p50 " + stats.frame_ms.p50 + " ms, p95 " + stats.frame_ms.p95 + " ms \u00b7 " : "";
-  $("footer").textContent = latency + "mode " + about.mode + " \u00b7 threshold from " + (about.calibrated_on || "\u2014") + " \u00b7 updated " + new Date(stats.now * 1000).toLocaleTimeString("en-GB");
-  document.body.dataset.frames = stats.frames;
-  document.body.dataset.updated = stats.now;
-}
-
-async function poll() {
-  try {
-    const response = await fetch("/stats.json", {cache: "no-store"});
-    if (!response.ok) throw new Error("HTTP " + response.status);
-    render(await response.json());
-    failures = 0;
-    $("conn").textContent = "live"; $("conn").className = "conn-live";
-  } catch (error) {
-    failures += 1;
-    if (failures > 1) { $("conn").textContent = "connection lost \u2014 retrying"; $("conn").className = "conn-lost"; }
-  }
-  setTimeout(poll, 500);
-}
-poll();
-</script></body></html>"""
+def operator_page() -> bytes:
+    """The operator's page as one document: page.html with page.css and page.js inlined where it links them (the
+    files stay a page an editor and a browser open as they are; the box serves one response, nothing else)."""
+    folder = resources.files("edgeinspect.runtime.outputs") / PAGE_FILES
+    html = (folder / "page.html").read_text(encoding="utf-8")
+    for tag, name, inline in (('<link rel="stylesheet" href="page.css">', "page.css", "<style>\n{}</style>"),
+                              ('<script src="page.js"></script>', "page.js", "<script>\n{}</script>")):
+        if html.count(tag) != 1:
+            raise RuntimeError(f"{PAGE_FILES}/page.html must link {name} once, as {tag}")
+        html = html.replace(tag, inline.format((folder / name).read_text(encoding="utf-8")))
+    return html.rstrip("\n").encode()
 
 
 class FrameImage:
@@ -405,6 +131,7 @@ class LiveView:
         self.stats_cache: tuple[float, bytes] = (-math.inf, b"")
         self.warn = RateLimitedWarning()
         self.closed = False
+        self.page = operator_page()
         view = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -416,7 +143,7 @@ class LiveView:
             def do_GET(self):
                 path = self.path.split("?")[0]
                 if path == "/":
-                    self._send(PAGE.encode(), "text/html; charset=utf-8")
+                    self._send(view.page, "text/html; charset=utf-8")
                 elif path == "/stats.json":
                     body = view.stats_json()
                     if body is None:
