@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgeinspect.runtime.console import InspectError, console, one_line_errors
+from edgeinspect.runtime.console import InspectError, command_app, console, one_line_errors
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.files import atomic_write_json, writable_dir, writable_file_parent
 from edgeinspect.runtime.inference.bundle import load_bundle
@@ -14,8 +14,8 @@ from edgeinspect.runtime.inference.images import list_images
 from .evaluate import METRIC_COLUMNS, evaluate, metrics_rows, predict
 from .thresholds import calibrate, check_options
 
-calibrate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+calibrate_app = command_app()
+eval_app = command_app()
 
 
 @calibrate_app.command()

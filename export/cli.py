@@ -5,10 +5,10 @@ from pathlib import Path
 
 import typer
 
-from edgeinspect.runtime.console import InspectError, console, one_line_errors
+from edgeinspect.runtime.console import InspectError, command_app, console, one_line_errors
 from edgeinspect.runtime.inference.bundle import BUNDLE_RECORD, load_bundle
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = command_app()
 MAX_WORKSPACE_MB = 1 << 20
 
 

@@ -4,11 +4,19 @@ import shutil
 import sys
 from functools import wraps
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False, soft_wrap=True, width=max(120, shutil.get_terminal_size().columns))
+
+
+def command_app(**settings) -> typer.Typer:
+    """A command's Typer app, as every command makes it: no shell-completion options, no pretty tracebacks, and
+    click's plain help (Typer's rich help shows every flag of click 8.5 as `--watch <bool>`, as if it took a
+    value)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, **settings)
 
 
 class InspectError(Exception):

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from edgeinspect.runtime.console import InspectError, console, one_line_errors
+from edgeinspect.runtime.console import InspectError, command_app, console, one_line_errors
 from edgeinspect.runtime.datasets import open_dataset, split_fit_validation
 from edgeinspect.runtime.inference.bundle import MAX_INPUT_SIDE
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+app = command_app(no_args_is_help=True)
 
 Data = Annotated[str, typer.Option("--data", help="MVTec AD category folder, a folder of good images, or elpv.")]
 Out = Annotated[Path, typer.Option("--out", help="Run folder to write (model.pt, run.json).")]

@@ -4,9 +4,12 @@ index or a GStreamer pipeline (Jetson CSI cameras; needs an OpenCV built with GS
 Live sources (cameras, streams, pipelines) that disconnect or stall are reopened with back-off, and the
 run goes on; files end when they end."""
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -90,6 +93,22 @@ class FolderSource(FrameSource):
             return path.name, None, (str(error) if give_up else None)
 
 
+@contextlib.contextmanager
+def opencv_quiet():
+    """OpenCV's own log lines held back while a capture opens: a camera that is not there makes each of its
+    backends print warnings and exceptions before our one-line error says the same. $OPENCV_LOG_LEVEL, when set,
+    is left to decide."""
+    if "OPENCV_LOG_LEVEL" in os.environ:
+        yield
+        return
+    previous = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
+
+
 class CaptureSource(FrameSource):
     """OpenCV VideoCapture on a file, URL, camera index or GStreamer pipeline."""
 
@@ -101,7 +120,8 @@ class CaptureSource(FrameSource):
             raise InspectError(f"{option}: could not be opened (not connected, busy, or not a video OpenCV can read)")
 
     def _open(self):
-        capture = cv2.VideoCapture(self.target, self.api)
+        with opencv_quiet():
+            capture = cv2.VideoCapture(self.target, self.api)
         if capture.isOpened():
             return capture
         capture.release()
@@ -140,6 +160,26 @@ class CaptureSource(FrameSource):
                 self.capture.release()
 
 
+def with_credentials(url: str, username: str | None, password: str | None) -> str:
+    """A stream URL with its source's user name and password put into it (OpenCV takes them only there),
+    percent-encoded."""
+    if username is None:
+        return url
+    parts = urlsplit(url)
+    user = quote(username, safe="") + (f":{quote(password, safe='')}" if password is not None else "")
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
+
+
+def without_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(the URL without user name and password, the user name, the password), the last two decoded."""
+    parts = urlsplit(url)
+    if "://" not in url or "@" not in parts.netloc:
+        return url, None, None
+    user, _, host = parts.netloc.rpartition("@")
+    name, has_password, password = user.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), unquote(name), unquote(password) if has_password else None
+
+
 def open_source(source: str, watch: bool = False, loop: bool = False) -> FrameSource:
     """Resolve --source: a built-in data set name (elpv plays its held-out test images), a camera index, a
     GStreamer pipeline (contains '!'), a folder (`watch`: keep taking new files), a video file (`loop`: play
@@ -154,8 +194,8 @@ def open_source(source: str, watch: bool = False, loop: bool = False) -> FrameSo
     if path.is_dir():
         return FolderSource(list_images(path) if not watch else sorted(
             p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), path, watch)
-    if "://" in source:
-        return CaptureSource(source, f"--source {source}", live=True)
+    if "://" in source:  # named without its password in every message
+        return CaptureSource(source, f"--source {without_credentials(source)[0]}", live=True)
     if path.is_file():
         return CaptureSource(source, f"--source {source}", live=False, loop=loop)
     raise InspectError(f"--source {source}: no such file, folder or camera")

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from edgeinspect.runtime.capture.grabbers import Grabber
 from edgeinspect.runtime.capture.sources import open_source
-from edgeinspect.runtime.console import InspectError, console, one_line_errors
+from edgeinspect.runtime.console import InspectError, command_app, console, one_line_errors
 from edgeinspect.runtime.files import writable_file_parent
 from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads
 from edgeinspect.runtime.inference.backends import BACKENDS, BackendUnavailable, open_backend
@@ -32,7 +32,7 @@ from edgeinspect.runtime.outputs.overlays import OverlayStore
 from edgeinspect.runtime.outputs.run_log import JsonLog
 from edgeinspect.runtime.outputs.sinks import Sinks
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = command_app()
 
 
 def call_times_ms(call, runs: int, warmup: int) -> list[float]:

@@ -12,22 +12,24 @@ import typer
 from rich.markup import escape
 
 from edgeinspect.runtime.capture.grabbers import Grabber, Grabbers
-from edgeinspect.runtime.capture.sources import open_source
-from edgeinspect.runtime.console import InspectError, console, one_line_errors, warn
+from edgeinspect.runtime.capture.sources import open_source, without_credentials
+from edgeinspect.runtime.commands.line_config import apply_line_config
+from edgeinspect.runtime.commands.line_config import print_config as line_config_text
+from edgeinspect.runtime.console import InspectError, command_app, console, one_line_errors, warn
 from edgeinspect.runtime.files import atomic_write_json, writable_dir
 from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads, inspect_until_done
 from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.inference.inspector import Inspector
 from edgeinspect.runtime.outputs.collect import CollectSink
 from edgeinspect.runtime.outputs.console_sink import ConsoleSink
-from edgeinspect.runtime.outputs.health import Health, HealthSink, console_listener, log_listener
+from edgeinspect.runtime.outputs.health import Health, HealthSink, Limits, console_listener, log_listener
 from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink, about_run
 from edgeinspect.runtime.outputs.out_folder import OutLock, new_run_id, parse_bytes, positive_finite
 from edgeinspect.runtime.outputs.overlays import DiskBudget, OverlayStore
 from edgeinspect.runtime.outputs.run_log import JsonLog
 from edgeinspect.runtime.outputs.sinks import RateLimitedWarning, Sinks
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = command_app()
 
 
 class Save(str, Enum):
@@ -59,10 +61,13 @@ def stop_on_signals(stop: threading.Event):
 @app.command()
 @one_line_errors
 def run(
-    bundle_dir: Path = typer.Argument(..., help="Bundle folder written by inspect-export (and calibrated)."),
-    source: list[str] = typer.Option(None, "--source", help="Image folder, video file, stream URL (rtsp://, "
-                                     "http://), camera index, GStreamer pipeline (contains '!'), or elpv (its held-out "
-                                     "test cells). Repeat for several sources: one capture thread each, one backend."),
+    ctx: typer.Context,
+    bundle_dir: Path = typer.Argument(None, help="Bundle folder written by inspect-export (and calibrated); or "
+                                      "bundle in --config."),
+    source: list[str] = typer.Option(None, "--source", metavar="SOURCE", help="Image folder, video file, stream URL "
+                                     "(rtsp://, http://), camera index, GStreamer pipeline (contains '!'), or elpv "
+                                     "(its test cells). Repeat for several sources: one capture thread each, one "
+                                     "backend."),
     camera: int = typer.Option(None, "--camera", help="Camera index (OpenCV / V4L2), short for --source N."),
     out: Path = typer.Option(Path("out"), "--out", help="Folder for inspections.jsonl, summary.json and overlays "
                              "(one run at a time: it is locked)."),
@@ -106,12 +111,40 @@ def run(
     mqtt_heartbeat: float = typer.Option(10.0, "--mqtt-heartbeat", help="Seconds between heartbeats."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda, openvino or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
+    config: Path = typer.Option(None, "--config", help="Line config file (TOML) holding these options, the "
+                                "sources' names and the alarms' limits; a flag given here overrides it."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the options given as a line config "
+                                      "file (passwords as references) and exit."),
 ):
     """Score every frame, give an OK/NG verdict against the calibrated threshold, log one JSON line per frame
     and save NG frames with the anomaly heat map and the regions above the pixel threshold outlined."""
+    options = {name: value for name, value in ctx.params.items() if name not in ("config", "print_config")}
+    given = {name for name in options  # by name: Typer carries its own copy of click and of this enum
+             if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+    limits = Limits()
+    if config is not None:
+        options, limits = apply_line_config(options, given, config)
+    if print_config:
+        defaults = {param.name: param.default for param in ctx.command.params}
+        typer.echo(line_config_text(options, defaults), nl=False)
+        return
+    inspect_line(**options, limits=limits)
+
+
+def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int | None, out: Path, save: str,
+                 mode: str, batch: int, watch: bool, loop: bool, max_frames: int, view: int | None, view_host: str,
+                 view_clients: int, collect_good: Path | None, collect: int, collect_every: float | None,
+                 log_rotate: str | None, log_gzip: bool, max_disk: str | None, keep_days: float | None,
+                 mqtt: str | None, mqtt_username: str | None, mqtt_password: str | None, mqtt_ca: Path | None,
+                 mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_queue: int, mqtt_heartbeat: float, backend: str,
+                 threads: int | None, source_names: list[str] | None = None, limits: Limits = Limits()) -> None:
+    """One line's run, from inspect-run's options (flags, a line config file, or both)."""
+    save, mode = Save(save), Mode(mode)
+    if bundle_dir is None:
+        raise InspectError("give the bundle folder (inspect-run BUNDLE, or bundle in --config)")
     sources = list(source or []) + ([str(camera)] if camera is not None else [])
     if not sources:
-        raise InspectError("give --source (one or more) or --camera")
+        raise InspectError("give --source (one or more), --camera, or sources in --config")
     check_batch_and_threads(batch, threads)
     for value, option, low in ((max_frames, "--max-frames", 0), (view_clients, "--view-clients", 1),
                                (mqtt_queue, "--mqtt-queue", 1)):
@@ -128,7 +161,10 @@ def run(
     bundle = load_bundle(bundle_dir)
     if bundle.thresholds is None:
         warn(f"{bundle_dir} is not calibrated: scores only, no verdicts (run inspect-calibrate)")
-    opened = [(label, open_source(text, watch, loop)) for label, text in zip(source_labels(sources), sources)]
+    labels = source_names if source_names and len(source_names) == len(sources) else source_labels(sources)
+    if len(set(labels)) < len(labels):
+        raise InspectError(f"two sources have the same name: {sorted(labels)}; give each its own name")
+    opened = [(label, open_source(text, watch, loop)) for label, text in zip(labels, sources)]
     mode = (Mode.latest if all(s.live for _, s in opened) else Mode.every) if mode == Mode.auto else mode
     out = writable_dir(out, "--out")
     with contextlib.ExitStack() as cleanup:
@@ -156,7 +192,8 @@ def run(
         cleanup.callback(outputs.close)
         log = JsonLog(out, rotate_bytes, rotate_daily, log_gzip, lambda path: budget.add("log", path), limited)
         outputs.sinks += [OverlayStore(out, save.value, run_id, budget, limited), log]
-        health = Health(bundle.thresholds, bundle_dir, out, grabbers.grabbers, mode.value, sources)
+        health = Health(bundle.thresholds, bundle_dir, out, grabbers.grabbers, mode.value,
+                        [without_credentials(text)[0] for text in sources], limits)
         health.listeners += [console_listener, log_listener(log, run_id)]  # and MQTT's PREFIX/alarms below
         if view is not None:
             live_view = LiveView(view_host, view, view_clients)

@@ -9,10 +9,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
-
 from edgeinspect.runtime.console import InspectError
 from edgeinspect.runtime.files import atomic_write_bytes, sha256_file
+from edgeinspect.runtime.schema import check_finite, check_record, strict_validator
 
 BUNDLE_FORMAT_VERSION = 1
 BUNDLE_RECORD = "bundle.json"
@@ -54,7 +53,7 @@ BUNDLE_SCHEMA = {
         "files": {
             "type": "object", "minProperties": 1,
             "x-message": "an object of the model files' sha256 and size",
-            "propertyNames": {"pattern": r"^(?!\.\.?$)[^/\\]+$"},
+            "propertyNames": {"pattern": r"^(?!\.\.?$)[^/\\]+$", "x-message": "a file name inside the bundle folder"},
             "additionalProperties": {
                 "type": "object", "required": ["sha256", "bytes"],
                 "x-message": 'an object with "sha256" (64 hex digits) and "bytes"',
@@ -94,10 +93,7 @@ BUNDLE_SCHEMA = {
         },
     },
 }
-# "integer" means a JSON whole number written without a fraction: 64, not 64.0 (the standard's checker takes both)
-_TYPES = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
-    "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool))
-_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_TYPES)(BUNDLE_SCHEMA)
+_VALIDATOR = strict_validator(BUNDLE_SCHEMA)
 
 
 @dataclass
@@ -120,7 +116,7 @@ class Bundle:
     def save(self) -> None:
         """Write bundle.json atomically; a record that load_bundle would refuse is never written."""
         path = self.path / BUNDLE_RECORD
-        _check_finite(self.record, path)
+        check_finite(self.record, path)
         text = json.dumps(self.record, indent=2, allow_nan=False) + "\n"
         validate_record(json.loads(text), path)  # as load_bundle will read it (tuples as lists, numpy as numbers)
         atomic_write_bytes(path, text.encode())
@@ -149,101 +145,10 @@ def parse_record(text: str, record_path: Path) -> dict:
         raise InspectError(f"{record_path}: not valid JSON ({error})") from None
 
 
-def _shown(value) -> str:
-    text = json.dumps(value, ensure_ascii=False, allow_nan=True)
-    if isinstance(value, list) and len(text) > 60:
-        return f"a list of {len(value)}"
-    if isinstance(value, dict) and len(text) > 60:
-        return "an object" if value else "{}"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _field(path) -> str:
-    """A field's path as written in JavaScript: input.size, files["model.onnx"].sha256, input.size[0]."""
-    text = ""
-    for step in path:
-        if isinstance(step, int):
-            text += f"[{step}]"
-        elif step.isidentifier():
-            text += f".{step}" if text else step
-        else:
-            text += f"[{json.dumps(step)}]"
-    return text
-
-
-def _explained(error: jsonschema.ValidationError) -> tuple[list, str | None]:
-    """The deepest field on the error's way whose schema has an "x-message": (its path, the message)."""
-    schema, at, found = BUNDLE_SCHEMA, 0, ([], BUNDLE_SCHEMA.get("x-message"))
-    steps = list(error.absolute_path)
-    keys = list(error.absolute_schema_path)
-    index = 0
-    while index < len(keys):
-        key = keys[index]
-        if key in ("properties", "patternProperties", "anyOf", "oneOf", "allOf") and index + 1 == len(keys):
-            break
-        if key in ("properties", "patternProperties"):
-            schema, index, at = schema[key][keys[index + 1]], index + 2, at + 1
-        elif key in ("items", "additionalProperties"):
-            schema, index, at = schema[key], index + 1, at + 1
-        elif key in ("anyOf", "oneOf", "allOf"):
-            schema, index = schema[key][keys[index + 1]], index + 2
-        else:
-            break
-        if isinstance(schema, dict) and "x-message" in schema:
-            found = (steps[:at], schema["x-message"])
-    return found
-
-
-def _non_finite(value, path=()) -> tuple | None:
-    """The path of the first NaN or infinite number in a record (JSON has no such numbers), else None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for key, item in items:
-        found = _non_finite(item, (*path, key))
-        if found is not None:
-            return found
-    return None
-
-
-def _check_finite(record, record_path: Path) -> None:
-    bad = _non_finite(record)
-    if bad is not None:
-        value = record
-        for step in bad:
-            value = value[step]
-        raise InspectError(f"{record_path}: {_field(bad)} must be a finite number, got {value}")
-
-
 def validate_record(record, record_path: Path) -> None:
     """One-line InspectError naming bundle.json, the field and what it must be, for the first problem found."""
-    _check_finite(record, record_path)
-    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(record))
-    if error is None:
-        _check_files_listed(record, record_path)
-        return
-    if error.validator == "required":
-        missing = next(name for name in error.validator_value if name not in error.instance)
-        path = [*error.absolute_path, missing]
-        node = BUNDLE_SCHEMA
-        for step in path:
-            node = node.get("properties", {}).get(step, {}) if isinstance(node, dict) else {}
-        wanted = node.get("x-message") if isinstance(node, dict) else None
-        raise InspectError(f"{record_path}: {_field(path)} is missing" + (f" (it must be {wanted})" if wanted else ""))
-    if "propertyNames" in error.absolute_schema_path:
-        raise InspectError(f"{record_path}: {_field(error.absolute_path)} lists {json.dumps(error.instance)}, "
-                           "which is not a file name inside the bundle folder")
-    path, message = _explained(error)
-    value = record
-    for step in path:
-        value = value[step]
-    if not path:
-        kind = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
-                type(None): "null"}.get(type(record), type(record).__name__)
-        raise InspectError(f"{record_path}: must be {message}, got {kind}")
-    if message is None:
-        raise InspectError(f"{record_path}: {_field(error.absolute_path)}: {error.message}")
-    raise InspectError(f"{record_path}: {_field(path)} must be {message}, got {_shown(value)}")
+    check_record(record, BUNDLE_SCHEMA, _VALIDATOR, record_path)
+    _check_files_listed(record, record_path)
 
 
 def _check_files_listed(record: dict, record_path: Path) -> None:
