@@ -304,6 +304,25 @@ def test_the_frames_of_all_sources_are_taken_together(mvtec_like):
     assert batches == [["good", "pasted"]] * 6  # one frame of each source in every inference batch
 
 
+def test_batches_that_do_not_divide_among_the_sources_lose_no_frame(mvtec_like):
+    """Three frames a call from two sources: each call takes them in turn and stops at three (it used to pop one
+    of every source and throw away what did not fit, 2 of the 12 frames without a trace)."""
+    from edgeinspect.runtime.capture.grabbers import Grabber, Grabbers
+    from edgeinspect.runtime.inference.images import list_images
+
+    stop, condition = threading.Event(), threading.Condition()
+    folders = [mvtec_like / "test" / "good", mvtec_like / "test" / "pasted"]
+    grabbers = Grabbers([Grabber(FolderSource(list_images(f), f), "every", stop, label=f.name, condition=condition)
+                         for f in folders])
+    grabbers.start()
+    grabbers.join(timeout=10)
+    batches = []
+    while taken := grabbers.take(3):
+        batches.append([(frame.source, frame.index) for frame in taken])
+    assert [len(batch) for batch in batches] == [3, 3, 3, 3]
+    assert sorted(sum(batches, [])) == [(source, i) for source in ("good", "pasted") for i in range(6)]
+
+
 def test_several_sources_in_one_process(patchcore_bundle, mvtec_like, tmp_path):
     good, pasted = str(mvtec_like / "test" / "good"), str(mvtec_like / "test" / "pasted")
     result = runner.invoke(run_app, [str(patchcore_bundle), "--source", good, "--source", pasted, "--out",

@@ -99,6 +99,8 @@ class Grabbers:
                 self.condition.wait(0.1)
             taken = []
             while len(taken) < count and any(g.queue for g in self.grabbers):
-                taken += [g.queue.popleft() for g in self.grabbers if g.queue][:count - len(taken)]
+                for grabber in self.grabbers:  # one frame from each in turn, and none taken beyond `count`
+                    if grabber.queue and len(taken) < count:
+                        taken.append(grabber.queue.popleft())
             self.condition.notify_all()
             return taken
