@@ -148,15 +148,17 @@ class FrameLoop:
 
 
 def inspect_until_done(grabbers: Grabbers, frame_loop: FrameLoop, stop: threading.Event, count: int,
-                       max_frames: int) -> None:
-    """Take up to `count` frames at a time and inspect them, until the sources end, a signal or --max-frames."""
+                       max_frames: int, alive=lambda: None) -> None:
+    """Take up to `count` frames at a time and inspect them, until the sources end, a signal or --max-frames.
+    `alive()` is called after each inference call and while waiting for frames: it stops when the loop is stuck."""
     stats = frame_loop.stats
     while not stop.is_set():
-        taken = grabbers.take(count)
+        taken = grabbers.take(count, waiting=alive)
         if not taken:
             return
         if max_frames:
             taken = taken[:max_frames - stats.frames - stats.skipped]
         frame_loop.inspect(taken)
+        alive()
         if max_frames and stats.frames + stats.skipped >= max_frames:
             return

@@ -91,12 +91,14 @@ class Grabbers:
     def error(self) -> BaseException | None:
         return next((g.error for g in self.grabbers if g.error is not None), None)
 
-    def take(self, count: int) -> list[Frame]:
-        """Up to `count` frames, at least one, or [] once every source has ended or the run is stopping."""
+    def take(self, count: int, waiting=lambda: None) -> list[Frame]:
+        """Up to `count` frames, at least one, or [] once every source has ended or the run is stopping;
+        `waiting()` is called every 0.1 s while there is none."""
         with self.condition:
             while (not any(g.queue for g in self.grabbers) and not all(g.finished for g in self.grabbers)
                    and not self.stop.is_set()):
                 self.condition.wait(0.1)
+                waiting()
             taken = []
             while len(taken) < count and any(g.queue for g in self.grabbers):
                 for grabber in self.grabbers:  # one frame from each in turn, and none taken beyond `count`

@@ -15,6 +15,7 @@ from edgeinspect.runtime.capture.grabbers import Grabber, Grabbers
 from edgeinspect.runtime.capture.sources import open_source, without_credentials
 from edgeinspect.runtime.commands.line_config import apply_line_config
 from edgeinspect.runtime.commands.line_config import print_config as line_config_text
+from edgeinspect.runtime.commands.service import ServiceNotifier
 from edgeinspect.runtime.console import InspectError, command_app, console, one_line_errors, warn
 from edgeinspect.runtime.files import atomic_write_json, writable_dir
 from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads, inspect_until_done
@@ -214,11 +215,15 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             outputs.sinks.append(CollectSink(collect_good, collect, every_s, run_id, bundle_dir))
         frame_loop = FrameLoop(inspector, outputs, stats, run_id)
         count = max(batch, len(opened)) if mode == Mode.every else len(opened)
+        service = ServiceNotifier()
+        cleanup.callback(service.close)
         try:
             with stop_on_signals(stop):
                 grabbers.start()
-                inspect_until_done(grabbers, frame_loop, stop, count, max_frames)
+                service.ready(f"run {run_id}, backend {chosen.name}, {len(opened)} source(s)")
+                inspect_until_done(grabbers, frame_loop, stop, count, max_frames, service.alive)
         finally:
+            service.stopping()
             stop.set()
             grabbers.join(timeout=5)
             outputs.close()
