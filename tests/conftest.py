@@ -1,6 +1,9 @@
 """Shared fixtures: a small MVTec-AD-layout data set made of real photos, and the real bottle data when present."""
 
 import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -114,3 +117,46 @@ def patchcore_bundle(mvtec_like, tmp_path_factory) -> Path:
     """A calibrated PatchCore bundle at 64×64 (for tests that only read it)."""
     return calibrated_bundle(tmp_path_factory.mktemp("patchcore-run"),
                              ["patchcore", "--data", mvtec_like, "--image-size", 64, "--coreset-ratio", 0.25])
+
+
+def jpeg_frames(folder):
+    return [cv2.imencode(".jpg", cv2.imread(str(p)))[1].tobytes() for p in sorted(folder.iterdir())]
+
+
+@pytest.fixture
+def mjpeg_server(mvtec_like):
+    """An MJPEG stream on 127.0.0.1; the first connection is cut after `cut_after` frames, later ones stream
+    until `limit` frames (0: forever)."""
+    frames = jpeg_frames(mvtec_like / "test" / "pasted") + jpeg_frames(mvtec_like / "test" / "good")
+    settings = {"cut_after": 0, "limit": 0, "connections": 0}
+
+    class Stream(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            settings["connections"] += 1
+            first = settings["connections"] == 1
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            sent = 0
+            while True:
+                if first and settings["cut_after"] and sent >= settings["cut_after"]:
+                    return  # the camera drops off the network
+                if settings["limit"] and sent >= settings["limit"]:
+                    return
+                data = frames[sent % len(frames)]
+                try:
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
+                                     + data + b"\r\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                sent += 1
+                time.sleep(0.02)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/line.mjpg", settings
+    server.shutdown()

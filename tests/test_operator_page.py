@@ -8,6 +8,7 @@ frames collected through the same path makes it go away.
 Screenshots go to each test's tmp_path, and also to $EDGE_INSPECT_SCREENSHOTS when it names a folder."""
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -609,7 +610,8 @@ def test_collect_saves_n_frames_losslessly_then_stops(tmp_path, capsys):
         sink.handle(Inspected({"frame": index, "source": "rtsp://cam/1", "name": str(index)}, rgb, None, None))
     sink.close()
     saved = sorted((tmp_path / "good").iterdir())
-    assert [p.name for p in saved] == [f"run1-rtsp_cam_1-{i:06d}.png" for i in range(3)]
+    digest = hashlib.sha256(b"rtsp://cam/1").hexdigest()[:8]  # two sources ending alike never share a file name
+    assert [p.name for p in saved] == [f"run1-rtsp-cam-1-{digest}-{i:06d}.png" for i in range(3)]
     for path, rgb in zip(saved, frames):
         assert np.array_equal(cv2.imread(str(path))[..., ::-1], rgb)  # RGB as it came, lossless
     assert "inspect-calibrate runs/x/bundle --images" in capsys.readouterr().err.replace("\n", "")

@@ -6,6 +6,7 @@ run goes on; files end when they end."""
 
 import contextlib
 import os
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -180,6 +181,29 @@ def without_credentials(url: str) -> tuple[str, str | None, str | None]:
     return urlunsplit(parts._replace(netloc=host)), unquote(name), unquote(password) if has_password else None
 
 
+def shown_url(text: str) -> str:
+    """A source as it may be shown, logged, published or put in a file name: a URL's password as ***."""
+    url, username, password = without_credentials(text)
+    if username is None:
+        return text
+    parts = urlsplit(url)
+    user = quote(username, safe="") + (":***" if password is not None else "")
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc}"))
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def named_source(text: str) -> tuple[str | None, str]:
+    """--source NAME=SOURCE → (NAME, SOURCE); a source without a name → (None, text). A name is letters, digits,
+    '_', '.' and '-' (so a GStreamer pipeline's `device=…` or a URL's `?a=b` is not one), and an existing file or
+    folder of that whole text is never split."""
+    name, equals, rest = text.partition("=")
+    if equals and rest and SOURCE_NAME.fullmatch(name) and not Path(text).exists():
+        return name, rest
+    return None, text
+
+
 def open_source(source: str, watch: bool = False, loop: bool = False) -> FrameSource:
     """Resolve --source: a built-in data set name (elpv plays its held-out test images), a camera index, a
     GStreamer pipeline (contains '!'), a folder (`watch`: keep taking new files), a video file (`loop`: play
@@ -195,7 +219,7 @@ def open_source(source: str, watch: bool = False, loop: bool = False) -> FrameSo
         return FolderSource(list_images(path) if not watch else sorted(
             p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), path, watch)
     if "://" in source:  # named without its password in every message
-        return CaptureSource(source, f"--source {without_credentials(source)[0]}", live=True)
+        return CaptureSource(source, f"--source {shown_url(source)}", live=True)
     if path.is_file():
         return CaptureSource(source, f"--source {source}", live=False, loop=loop)
     raise InspectError(f"--source {source}: no such file, folder or camera")

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from edgeinspect.runtime.capture.grabbers import Grabber, Grabbers
-from edgeinspect.runtime.capture.sources import open_source, without_credentials
+from edgeinspect.runtime.capture.sources import named_source, open_source, shown_url
 from edgeinspect.runtime.commands.line_config import apply_line_config
 from edgeinspect.runtime.commands.line_config import print_config as line_config_text
 from edgeinspect.runtime.commands.service import ServiceNotifier
@@ -162,9 +162,11 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
     bundle = load_bundle(bundle_dir)
     if bundle.thresholds is None:
         warn(f"{bundle_dir} is not calibrated: scores only, no verdicts (run inspect-calibrate)")
-    labels = source_names if source_names and len(source_names) == len(sources) else source_labels(sources)
-    if len(set(labels)) < len(labels):
-        raise InspectError(f"two sources have the same name: {sorted(labels)}; give each its own name")
+    named = [named_source(text) for text in sources]
+    sources = [text for _, text in named]
+    if source_names and len(source_names) == len(sources):
+        named = list(zip(source_names, sources))
+    labels = source_labels(named)
     opened = [(label, open_source(text, watch, loop)) for label, text in zip(labels, sources)]
     mode = (Mode.latest if all(s.live for _, s in opened) else Mode.every) if mode == Mode.auto else mode
     out = writable_dir(out, "--out")
@@ -194,7 +196,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         log = JsonLog(out, rotate_bytes, rotate_daily, log_gzip, lambda path: budget.add("log", path), limited)
         outputs.sinks += [OverlayStore(out, save.value, run_id, budget, limited), log]
         health = Health(bundle.thresholds, bundle_dir, out, grabbers.grabbers, mode.value,
-                        [without_credentials(text)[0] for text in sources], limits)
+                        [shown_url(text) for text in sources], limits)
         health.listeners += [console_listener, log_listener(log, run_id)]  # and MQTT's PREFIX/alarms below
         if view is not None:
             live_view = LiveView(view_host, view, view_clients)
@@ -232,7 +234,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             write_summary(out / "summary.json", result)
     if grabbers.error is not None and not isinstance(grabbers.error, KeyboardInterrupt):
         raise grabbers.error
-    report(result, out, sources)
+    report(result, out, labels)
 
 
 def log_rotation(log_rotate: str | None, max_bytes: int | None) -> tuple[int | None, bool]:
@@ -265,12 +267,19 @@ def write_summary(path: Path, summary: dict) -> None:
         warn(f"{path}: not written ({error.strerror or error})")
 
 
-def source_labels(sources: list[str]) -> list[str]:
-    """What each record calls its source: the --source text, with #2, #3… when one is given twice."""
+def source_labels(named: list[tuple[str | None, str]]) -> list[str]:
+    """What the records, the page, MQTT and file names call each source: its name (--source NAME=…, or in the
+    line config), else its text with a URL's password as ***, with #2, #3… when one is given twice. Two sources
+    of one name are refused."""
+    names = [name for name, _ in named if name]
+    if len(set(names)) < len(names):
+        raise InspectError(f"two sources are named {next(n for n in names if names.count(n) > 1)!r}: give each its "
+                           "own name")
     labels = []
-    for text in sources:
-        repeats = sum(1 for earlier in sources[:len(labels)] if earlier == text)
-        labels.append(text if not repeats else f"{text}#{repeats + 1}")
+    for name, text in named:
+        label = name or shown_url(text)
+        repeats = labels.count(label) + sum(1 for earlier in labels if earlier.startswith(f"{label}#"))
+        labels.append(label if not repeats else f"{label}#{repeats + 1}")
     return labels
 
 

@@ -6,7 +6,6 @@ exactly as inspect-run receives them (RGB as decoded, before the resize to the m
 while the line makes good parts, then stops saving and says the command that recalibrates on them."""
 
 import math
-import re
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import cv2
 
 from edgeinspect.runtime.console import InspectError, console
 from edgeinspect.runtime.files import atomic_write_bytes, writable_dir
+from edgeinspect.runtime.outputs.out_folder import source_file_part
 from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 
@@ -39,7 +39,7 @@ class CollectSink(Sink):
         if now - self.last < self.every_s:
             return
         record = item.record
-        source = re.sub(r"[^A-Za-z0-9._-]+", "_", str(record.get("source", "")))[-40:].strip("._") or "source"
+        source = source_file_part(str(record.get("source", "")))
         ok, png = cv2.imencode(".png", cv2.cvtColor(item.rgb, cv2.COLOR_RGB2BGR))
         if not ok:
             raise OSError(f"frame {record.get('frame')} could not be encoded as PNG")

@@ -1,7 +1,8 @@
-"""inspect-run's --out folder: one run at a time (a lock), a run id that makes every name unique across
-restarts, and the sizes and ages its retention options take."""
+"""inspect-run's --out folder: one run at a time (a lock), a run id and per-source name parts that make every
+file name unique across restarts and sources, and the sizes and ages its retention options take."""
 
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -13,6 +14,13 @@ from edgeinspect.runtime.console import InspectError
 LOCK_FILE = ".inspect-run.lock"
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
          "tb": 10**12}
+
+
+def source_file_part(label: str) -> str:
+    """A source's label as part of a file name: its last 40 characters that are safe in one, and 8 hex digits of
+    the whole label's hash, so two sources whose labels end alike never write the same file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-._")[-40:].strip("-._") or "source"
+    return f"{safe}-{hashlib.sha256(label.encode()).hexdigest()[:8]}"
 
 
 def new_run_id() -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 
 from edgeinspect.runtime.files import atomic_write_bytes
+from edgeinspect.runtime.outputs.out_folder import source_file_part
 from edgeinspect.runtime.outputs.run_log import LOG_FILE
 from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
 
@@ -108,7 +109,7 @@ class OverlayStore(Sink):
             return
         record = item.record
         day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        source = re.sub(r"[^A-Za-z0-9.-]+", "-", str(record.get("source", ""))).strip("-")[-40:] or "source"
+        source = source_file_part(str(record.get("source", "")))
         stem = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(str(record["name"])).stem)[:60]
         path = self.folder / day / f"{self.run_id}_{source}_{record['frame']:06d}_{stem}.jpg"
         data = cv2.imencode(".jpg", item.overlay(), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
