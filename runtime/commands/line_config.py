@@ -76,7 +76,7 @@ LINE_SCHEMA = {
         "disk": _section({"log_rotate": {**_TEXT, "x-message": "a size such as 100MB, or daily"},
                           "log_gzip": _FLAG, "max_disk": {**_TEXT, "x-message": "a size such as 2GB"},
                           "keep_days": _number(0)}),
-        "view": _section({"port": _whole(0, 65535), "host": _TEXT, "clients": _whole(1)}),
+        "view": _section({"port": _whole(0, 65535), "host": _TEXT, "clients": _whole(1), "token_file": _TEXT}),
         "collect": _section({"folder": _TEXT, "count": _whole(0), "every": _number(0, True)}),
         "mqtt": _section({"url": {**_TEXT, "x-message": "mqtt://HOST[:PORT]/TOPIC-PREFIX or mqtts://…"},
                           "username": _TEXT, "password": _SECRET, "ca": _TEXT, "cert": _TEXT, "key": _TEXT,
@@ -91,14 +91,14 @@ OPTION_KEYS = {
     "bundle_dir": ("bundle",), "out": ("out",), "save": ("outputs", "save"), "mode": ("capture", "mode"),
     "batch": ("capture", "batch"), "watch": ("capture", "watch"), "loop": ("capture", "loop"),
     "max_frames": ("capture", "max_frames"), "view": ("view", "port"), "view_host": ("view", "host"),
-    "view_clients": ("view", "clients"), "collect_good": ("collect", "folder"), "collect": ("collect", "count"),
+    "view_clients": ("view", "clients"), "view_token_file": ("view", "token_file"), "collect_good": ("collect", "folder"), "collect": ("collect", "count"),
     "collect_every": ("collect", "every"), "log_rotate": ("disk", "log_rotate"), "log_gzip": ("disk", "log_gzip"),
     "max_disk": ("disk", "max_disk"), "keep_days": ("disk", "keep_days"), "mqtt": ("mqtt", "url"),
     "mqtt_username": ("mqtt", "username"), "mqtt_password": ("mqtt", "password"), "mqtt_ca": ("mqtt", "ca"),
     "mqtt_cert": ("mqtt", "cert"), "mqtt_key": ("mqtt", "key"), "mqtt_queue": ("mqtt", "queue"),
     "mqtt_heartbeat": ("mqtt", "heartbeat"), "backend": ("inference", "backend"), "threads": ("inference", "threads"),
 }
-PATH_OPTIONS = {"bundle_dir", "out", "collect_good", "mqtt_ca", "mqtt_cert", "mqtt_key"}
+PATH_OPTIONS = {"bundle_dir", "out", "collect_good", "mqtt_ca", "mqtt_cert", "mqtt_key", "view_token_file"}
 
 
 def read_line_config(path: Path) -> dict:

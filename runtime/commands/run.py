@@ -29,6 +29,7 @@ from edgeinspect.runtime.outputs.out_folder import OutLock, new_run_id, parse_by
 from edgeinspect.runtime.outputs.overlays import DiskBudget, OverlayStore
 from edgeinspect.runtime.outputs.run_log import JsonLog
 from edgeinspect.runtime.outputs.sinks import RateLimitedWarning, Sinks
+from edgeinspect.runtime.outputs.view_access import TOKEN_FILE, check_view_host, is_loopback, load_or_create_token
 
 app = command_app()
 
@@ -86,6 +87,10 @@ def run(
     view_host: str = typer.Option("127.0.0.1", "--view-host", help="Address the live view listens on (0.0.0.0 "
                                   "to reach it from another machine)."),
     view_clients: int = typer.Option(8, "--view-clients", help="Most live-view connections at once; more get 503."),
+    view_token_file: Path = typer.Option(None, "--view-token-file", help="File holding the live view's access token "
+                                         "(created with a random one if missing, owner-only); default beyond "
+                                         "loopback: OUT/view-token. Given, the token is needed on loopback too "
+                                         "(behind a reverse proxy)."),
     collect_good: Path = typer.Option(None, "--collect-good", help="Save frames as they come from the camera path "
                                       "(PNG, lossless, before the resize) into this folder, while the line makes good "
                                       "parts, to recalibrate on: inspect-calibrate BUNDLE --images DIR."),
@@ -134,7 +139,7 @@ def run(
 
 def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int | None, out: Path, save: str,
                  mode: str, batch: int, watch: bool, loop: bool, max_frames: int, view: int | None, view_host: str,
-                 view_clients: int, collect_good: Path | None, collect: int, collect_every: float | None,
+                 view_clients: int, view_token_file: Path | None, collect_good: Path | None, collect: int, collect_every: float | None,
                  log_rotate: str | None, log_gzip: bool, max_disk: str | None, keep_days: float | None,
                  mqtt: str | None, mqtt_username: str | None, mqtt_password: str | None, mqtt_ca: Path | None,
                  mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_queue: int, mqtt_heartbeat: float, backend: str,
@@ -153,6 +158,8 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             raise InspectError(f"{option} must be at least {low}, got {value}")
     if view is not None and not 0 <= view <= 65535:
         raise InspectError(f"--view {view}: a port is 0 to 65535")
+    if view is not None:
+        check_view_host(view_host)
     if mqtt_password and not mqtt_username:
         raise InspectError("--mqtt-password needs --mqtt-username")
     positive_finite(keep_days, "--keep-days")
@@ -199,8 +206,11 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                         [shown_url(text) for text in sources], limits)
         health.listeners += [console_listener, log_listener(log, run_id)]  # and MQTT's PREFIX/alarms below
         if view is not None:
-            live_view = LiveView(view_host, view, view_clients)
-            console.print(f"live view on {live_view.url}")
+            token_file = view_token_file or (None if is_loopback(view_host) else out / TOKEN_FILE)
+            token = load_or_create_token(token_file) if token_file else None
+            live_view = LiveView(view_host, view, view_clients, token=token)
+            console.print(f"live view on {live_view.url}" + (f" (sign in with the token in {token_file})"
+                                                             if token else ""))
             outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
                                               about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)))
         if mqtt:

@@ -21,12 +21,15 @@ frame however many ask, on the server's threads. A page nobody watches costs the
 
 import json
 import math
+import socket
+import sys
 import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import cv2
 import numpy as np
@@ -35,8 +38,13 @@ from edgeinspect.runtime.console import InspectError
 from edgeinspect.runtime.inference.regions import heat_overlay
 from edgeinspect.runtime.outputs.run_log import json_line
 from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.outputs.view_access import COOKIE, SESSION_S, ViewAccess
 
 PAGE_FILES = "operator_page"  # page.html with its page.css and page.js, package data beside this module
+
+
+def page_file(name: str) -> bytes:
+    return (resources.files("edgeinspect.runtime.outputs") / PAGE_FILES / name).read_bytes()
 
 
 def operator_page() -> bytes:
@@ -85,13 +93,20 @@ class FrameImage:
 
 class BoundedServer(ThreadingHTTPServer):
     """At most `max_clients` connections served at once (each holds a thread and a file descriptor; an MJPEG
-    viewer holds them for as long as it watches): one more is answered 503 and closed at once."""
+    viewer holds them for as long as it watches): one more is answered 503 and closed at once. A connection that
+    has not sent its request's headers within HEADER_DEADLINE_S is closed, so clients that trickle a byte every
+    few seconds cannot hold the slots for long."""
 
     daemon_threads = True
+    HEADER_DEADLINE_S = 5.0
 
     def __init__(self, address, handler, max_clients: int):
-        super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(max_clients)
+        self.lock = threading.Lock()
+        self.waiting_headers: dict[socket.socket, float] = {}
+        self.closing = threading.Event()
+        super().__init__(address, handler)  # binds (and closes itself again when that fails)
+        threading.Thread(target=self._close_slow_requests, name="live-view-deadline", daemon=True).start()
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
@@ -103,13 +118,43 @@ class BoundedServer(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
+        with self.lock:
+            self.waiting_headers[request] = time.monotonic() + self.HEADER_DEADLINE_S
         super().process_request(request, client_address)
+
+    def headers_received(self, request) -> None:
+        with self.lock:
+            self.waiting_headers.pop(request, None)
+
+    def _close_slow_requests(self) -> None:
+        while not self.closing.wait(0.5):
+            now = time.monotonic()
+            with self.lock:
+                late = [request for request, deadline in self.waiting_headers.items() if deadline < now]
+                for request in late:
+                    del self.waiting_headers[request]
+            for request in late:
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.headers_received(request)
             self.slots.release()
+
+    def handle_error(self, request, client_address):
+        """A client that hangs up or stalls is its own business; anything else is one warning line a minute."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError, socket.timeout)):
+            self.warn("live-view", f"live view: a request failed ({type(error).__name__}: {error})")
+
+    def server_close(self):
+        self.closing.set()
+        super().server_close()
 
 
 class LiveView:
@@ -120,7 +165,9 @@ class LiveView:
     STATS_FRESH_S = 0.25  # /stats.json is rebuilt at most this often, however many viewers poll
     NG_SHOWN, NG_KEPT = 8, 16  # the page lists 8; twice that are kept so a listed one is still there when asked
 
-    def __init__(self, host: str, port: int, max_clients: int = 8, timeout_s: float = 10.0):
+    def __init__(self, host: str, port: int, max_clients: int = 8, timeout_s: float = 10.0,
+                 token: str | None = None):
+        self.access = ViewAccess(token)
         self.condition = threading.Condition()
         self.version = 0
         self.latest: tuple[int, FrameImage] | None = None
@@ -132,6 +179,7 @@ class LiveView:
         self.warn = RateLimitedWarning()
         self.closed = False
         self.page = operator_page()
+        self.login_page = page_file("login.html")
         view = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -140,8 +188,15 @@ class LiveView:
             def log_message(self, *args):
                 pass
 
+            def parse_request(self):
+                parsed = super().parse_request()
+                view.server.headers_received(self.request)
+                return parsed
+
             def do_GET(self):
-                path = self.path.split("?")[0]
+                path = urlsplit(self.path).path
+                if not self._admitted(path):
+                    return
                 if path == "/":
                     self._send(view.page, "text/html; charset=utf-8")
                 elif path == "/stats.json":
@@ -157,8 +212,50 @@ class LiveView:
                 else:
                     self.send_error(404)
 
-            def _send(self, body: bytes, content_type: str, cacheable: bool = False):
-                self.send_response(200)
+            def do_POST(self):
+                """POST /login with the form's token: a session cookie and back to the page."""
+                path = urlsplit(self.path).path
+                if path != "/login" or not view.access.host_allowed(self.headers.get("Host")):
+                    self.send_error(404 if path != "/login" else 403)
+                    return
+                length = self.headers.get("Content-Length") or ""
+                if not (length.isascii() and length.isdigit() and int(length) <= 4096):
+                    self.send_error(413 if length.isdigit() else 411)
+                    return
+                form = parse_qs(self.rfile.read(int(length)).decode("utf-8", "replace"))
+                outcome = view.access.sign_in(form.get("token", [""])[0], self.client_address[0])
+                if outcome == "ok":
+                    self.send_response(303)
+                    self.send_header("Location", "/")
+                    self.send_header("Set-Cookie", f"{COOKIE}={view.access.session()}; Path=/; Max-Age={SESSION_S}; "
+                                                   "HttpOnly; SameSite=Strict")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif outcome == "limited":
+                    self._send(b"too many failed sign-ins; try again in a minute", "text/plain", status=429)
+                else:
+                    self._login(401, "wrong token")
+
+            def _admitted(self, path: str) -> bool:
+                if not view.access.host_allowed(self.headers.get("Host")):
+                    self.send_error(403, "this page answers to its own address only")
+                    return False
+                if view.access.authorized(self.headers):
+                    return True
+                if path == "/":
+                    self._login(401, "")
+                else:
+                    self._send(b"sign in on the page, or send Authorization: Bearer TOKEN", "text/plain", status=401)
+                return False
+
+            def _login(self, status: int, message: str):
+                self._send(view.login_page.replace(b"{message}", message.encode()), "text/html; charset=utf-8",
+                           status=status)
+
+            def _send(self, body: bytes, content_type: str, cacheable: bool = False, status: int = 200):
+                self.send_response(status)
+                if status == 401:
+                    self.send_header("WWW-Authenticate", 'Bearer realm="edge-inspect"')
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "max-age=86400, immutable" if cacheable else "no-store")
@@ -188,6 +285,7 @@ class LiveView:
         except (OSError, OverflowError) as error:
             reason = getattr(error, "strerror", None) or str(error)
             raise InspectError(f"--view {port} --view-host {host}: cannot listen there ({reason})") from None
+        self.server.warn = self.warn
         self.url = f"http://{host}:{self.server.server_address[1]}/"
         # polled every 0.1 s for shutdown (the default 0.5 s held the end of every run up by that much)
         threading.Thread(target=self.server.serve_forever, args=(0.1,), name="live-view", daemon=True).start()
@@ -214,7 +312,8 @@ class LiveView:
             if path == "/frame.jpg":
                 return self.latest[1] if self.latest else None
             name = path.rsplit("/", 1)[-1].removesuffix(".jpg")
-            if path.startswith("/frame/") and name.isdigit() and int(name) in self.frames:
+            number = name.isascii() and name.isdigit() and len(name) <= 9  # not '²', not 5,000 digits
+            if path.startswith("/frame/") and number and int(name) in self.frames:
                 return self.frames[int(name)][1]
             if path.startswith("/ng/"):
                 return next((image for meta, image in self.ng if meta["id"] == name), None)
