@@ -2,6 +2,7 @@
 
 import shutil
 import sys
+import time
 from functools import wraps
 
 import typer
@@ -25,6 +26,23 @@ class InspectError(Exception):
 
 def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+
+
+class RateLimitedWarning:
+    """A warning said at once, then at most once per `interval_s` while the condition lasts, with a count of
+    what was not said."""
+
+    def __init__(self, interval_s: float = 60.0):
+        self.interval_s, self.last, self.silenced = interval_s, {}, {}
+
+    def __call__(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -self.interval_s) >= self.interval_s:
+            extra = self.silenced.pop(key, 0)
+            warn(message + (f" ({extra} more since the last warning)" if extra else ""))
+            self.last[key] = now
+        else:
+            self.silenced[key] = self.silenced.get(key, 0) + 1
 
 
 def one_line_errors(func):

@@ -84,8 +84,10 @@ class Grabbers:
             grabber.start()
 
     def join(self, timeout: float) -> None:
+        """Wait for every grabber to end, `timeout` seconds for all of them together."""
+        deadline = time.monotonic() + timeout
         for grabber in self.grabbers:
-            grabber.join(timeout)
+            grabber.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def error(self) -> BaseException | None:

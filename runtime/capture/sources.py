@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from edgeinspect.runtime.console import InspectError, warn
+from edgeinspect.runtime.console import InspectError, RateLimitedWarning, warn
 from edgeinspect.runtime.datasets import BUILTIN_DATASETS, open_dataset
 from edgeinspect.runtime.inference.images import IMAGE_SUFFIXES, list_images, read_image, to_rgb
 
@@ -37,17 +37,18 @@ class FrameSource:
 
 
 class FolderSource(FrameSource):
-    """The images of a folder in name order; with `watch`, new files as they arrive. A file is taken once its
+    """The images of a folder in name order; with `watch`, new files as they arrive, and new content under a name
+    already taken (a file renamed over another, or rewritten in place) once more. A file is taken once its
     modification time is `settle_s` old (a writer still busy with it would give half an image), and one that
     does not decode is tried again at every poll until it has not changed for `give_up_s`, then logged as
-    skipped. The folder is listed again only when its own modification time changes, and files that are gone
-    are forgotten."""
+    skipped. A watched folder that disappears is waited for, with a warning once a minute."""
 
     def __init__(self, paths: list[Path], folder: Path | None = None, watch: bool = False, poll_s: float = 0.5,
                  settle_s: float = 0.25, give_up_s: float = 5.0):
         super().__init__(str(folder) if folder else "image list")
         self.paths, self.folder, self.watch, self.poll_s = paths, folder, watch, poll_s
         self.settle_s, self.give_up_s = settle_s, give_up_s
+        self.warn = RateLimitedWarning()
 
     def frames(self, stop) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
         if not self.watch:
@@ -56,35 +57,34 @@ class FolderSource(FrameSource):
                     return
                 yield self._read(path, give_up=True)
             return
-        done: set[str] = set()  # names taken or given up on, while they are in the folder
-        listed_at = None
-        candidates: set[str] = {path.name for path in self.paths}
+        taken: dict[str, tuple] = {}  # name → (inode, mtime, size) of the content taken or given up on
         while not stop.is_set():
-            stamp = self.folder.stat().st_mtime_ns
-            if stamp != listed_at:
-                present = {p.name for p in self.folder.iterdir()
-                           if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
-                done &= present
-                candidates = (candidates | present) - done
-                listed_at = stamp
-            for name in sorted(candidates):
-                path = self.folder / name
-                try:
-                    age = time.time() - path.stat().st_mtime
-                except FileNotFoundError:
-                    candidates.discard(name)
-                    continue
-                if age < self.settle_s:
-                    continue  # still being written, or just written: next poll
-                name, rgb, error = self._read(path, give_up=age >= self.give_up_s)
+            for name, signature, modified in self._listing():
+                if taken.get(name) == signature or time.time() - modified < self.settle_s:
+                    continue  # seen already, or still being written: next poll
+                name, rgb, error = self._read(self.folder / name, give_up=time.time() - modified >= self.give_up_s)
                 if rgb is None and error is None:
                     continue  # undecodable but recent: try again at the next poll
-                candidates.discard(path.name)
-                done.add(path.name)
+                taken[name] = signature
                 yield name, rgb, error
                 if stop.is_set():
                     return
             stop.wait(self.poll_s)
+
+    def _listing(self) -> list[tuple[str, tuple, float]]:
+        """(name, identity of its content, modification time) of the folder's images, in name order."""
+        try:
+            with os.scandir(self.folder) as entries:
+                files = [(entry.name, entry.stat()) for entry in entries
+                         if entry.name.lower().endswith(tuple(IMAGE_SUFFIXES)) and not entry.name.startswith(".")
+                         and entry.is_file()]
+        except FileNotFoundError:
+            self.warn("folder", f"--source {self.folder}: the watched folder is gone; waiting for it to come back")
+            return []
+        except OSError as error:
+            self.warn("folder", f"--source {self.folder}: cannot list it ({error.strerror or error}); trying again")
+            return []
+        return [(name, (stat.st_ino, stat.st_mtime_ns, stat.st_size), stat.st_mtime) for name, stat in sorted(files)]
 
     @staticmethod
     def _read(path: Path, give_up: bool) -> tuple[str, np.ndarray | None, str | None]:

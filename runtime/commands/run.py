@@ -16,7 +16,8 @@ from edgeinspect.runtime.capture.sources import named_source, open_source, shown
 from edgeinspect.runtime.commands.line_config import apply_line_config
 from edgeinspect.runtime.commands.line_config import print_config as line_config_text
 from edgeinspect.runtime.commands.service import ServiceNotifier
-from edgeinspect.runtime.console import InspectError, command_app, console, one_line_errors, warn
+from edgeinspect.runtime.console import (InspectError, RateLimitedWarning, command_app, console, one_line_errors,
+                                         warn)
 from edgeinspect.runtime.files import atomic_write_json, writable_dir
 from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads, inspect_until_done
 from edgeinspect.runtime.inference.bundle import load_bundle
@@ -28,7 +29,7 @@ from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink, about_
 from edgeinspect.runtime.outputs.out_folder import OutLock, new_run_id, parse_bytes, positive_finite
 from edgeinspect.runtime.outputs.overlays import DiskBudget, OverlayStore
 from edgeinspect.runtime.outputs.run_log import JsonLog
-from edgeinspect.runtime.outputs.sinks import RateLimitedWarning, Sinks
+from edgeinspect.runtime.outputs.sinks import Sinks
 from edgeinspect.runtime.outputs.view_access import TOKEN_FILE, check_view_host, is_loopback, load_or_create_token
 
 app = command_app()
@@ -48,11 +49,13 @@ class Mode(str, Enum):
 
 @contextmanager
 def stop_on_signals(stop: threading.Event):
-    """SIGINT and SIGTERM end the run cleanly (the summary is still written)."""
+    """SIGINT, SIGTERM and SIGHUP end the run cleanly, and a second one while it stops changes nothing: the
+    outputs still close within their deadlines and the summary is written."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM,
+                                                                         signal.SIGHUP)}
     try:
         yield
     finally:
@@ -196,6 +199,11 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                                     sum(c["reconnects"] for c in counters.values()), counters),
                     "run": run_id, "backend": chosen.name}
 
+        if mqtt:  # the broker's address and the queue file checked before anything is written to --out
+            from edgeinspect.runtime.outputs.mqtt import DiskQueue, MqttSink, parse_mqtt_url
+
+            target = parse_mqtt_url(mqtt)
+            DiskQueue(out / "mqtt-queue.sqlite", mqtt_queue).close()
         limited = RateLimitedWarning()
         budget = DiskBudget(out, max_bytes, keep_days, limited)
         outputs = Sinks([], limited)
@@ -214,9 +222,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
                                               about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)))
         if mqtt:
-            from edgeinspect.runtime.outputs.mqtt import MqttSink, parse_mqtt_url
-
-            publisher = MqttSink(parse_mqtt_url(mqtt), out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
+            publisher = MqttSink(target, out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
                                  mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key)
             outputs.sinks.append(publisher)
             health.listeners.append(lambda event: publisher.publish("alarms", json.dumps(event)))
@@ -229,19 +235,19 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         count = max(batch, len(opened)) if mode == Mode.every else len(opened)
         service = ServiceNotifier()
         cleanup.callback(service.close)
-        try:
-            with stop_on_signals(stop):
+        with stop_on_signals(stop):
+            try:
                 grabbers.start()
                 service.ready(f"run {run_id}, backend {chosen.name}, {len(opened)} source(s)")
                 inspect_until_done(grabbers, frame_loop, stop, count, max_frames, service.alive)
-        finally:
-            service.stopping()
-            stop.set()
-            grabbers.join(timeout=5)
-            outputs.close()
-            result = {**summary(), "sink_failures": outputs.failures, "deleted_files": budget.deleted}
-            result["alarms"] = health.alarms()
-            write_summary(out / "summary.json", result)
+            finally:
+                service.stopping()
+                stop.set()
+                grabbers.join(timeout=5)
+                outputs.close()
+                result = {**summary(), "sink_failures": outputs.failures, "deleted_files": budget.deleted}
+                result["alarms"] = health.alarms()
+                write_summary(out / "summary.json", result)
     if grabbers.error is not None and not isinstance(grabbers.error, KeyboardInterrupt):
         raise grabbers.error
     report(result, out, labels)

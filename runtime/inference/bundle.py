@@ -184,4 +184,35 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
             if sha256_file(file) != expected["sha256"]:
                 raise InspectError(f"{file}: sha256 does not match bundle.json (corrupt or modified); "
                                    "copy the bundle again or re-export it")
+        for name in filter(None, (record["model_file"], record.get("fp16_model_file"))):
+            check_graph(path / name, record["input"]["name"], tuple(record["input"]["size"]))
     return Bundle(path, record)
+
+
+def _dims(value) -> list:
+    return [d.dim_value if d.HasField("dim_value") else "batch" for d in value.type.tensor_type.shape.dim]
+
+
+def check_graph(path: Path, input_name: str, size: tuple[int, int]) -> None:
+    """The model's own input and outputs are what bundle.json and every backend expect: uint8 images (B, H, W, 3)
+    of the recorded size in, anomaly_map (B, 1, H, W) and score (B,) out. A bundle.json edited to another size, or
+    a model swapped with its digest for another graph, is a one-line error here, not a backend's traceback later."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as error:  # a damaged or foreign file: protobuf raises several kinds
+        raise InspectError(f"{path}: not an ONNX model ({type(error).__name__}); re-export the bundle") from None
+    constants = {initializer.name for initializer in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in constants]
+    height, width = size
+    wanted_input = [input_name, ["batch", height, width, 3]]
+    found = [[value.name, _dims(value)] for value in inputs]
+    if found != [wanted_input] or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+        raise InspectError(f"{path}: the graph takes {found} but bundle.json says {wanted_input} (uint8): bundle.json "
+                           "or the model was changed; re-export the bundle")
+    outputs = [[value.name, _dims(value)] for value in graph.output]
+    wanted = [[OUTPUT_NAMES[0], ["batch", 1, height, width]], [OUTPUT_NAMES[1], ["batch"]]]
+    if outputs != wanted:
+        raise InspectError(f"{path}: the graph gives {outputs}, not {wanted}: not a model of this bundle; "
+                           "re-export the bundle")

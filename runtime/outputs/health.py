@@ -27,8 +27,8 @@ from pathlib import Path
 
 import cv2
 
-from edgeinspect.runtime.console import console, warn
-from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.console import RateLimitedWarning, console, warn
+from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ from urllib.parse import parse_qs, urlsplit
 import cv2
 import numpy as np
 
-from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.console import InspectError, RateLimitedWarning
 from edgeinspect.runtime.inference.regions import heat_overlay
 from edgeinspect.runtime.outputs.run_log import json_line
-from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 from edgeinspect.runtime.outputs.view_access import COOKIE, SESSION_S, ViewAccess
 
 PAGE_FILES = "operator_page"  # page.html with its page.css and page.js, package data beside this module

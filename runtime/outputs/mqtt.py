@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 
-from edgeinspect.runtime.console import InspectError, warn
-from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.console import InspectError, RateLimitedWarning, warn
+from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 WINDOW = 32  # frame messages in flight (sent, PUBACK awaited) at once: throughput without unbounded memory
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -44,10 +44,16 @@ class MqttTarget:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}/{self.prefix}"
 
 
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
+
+
 def parse_mqtt_url(text: str) -> MqttTarget:
     """mqtt://HOST[:PORT]/TOPIC/PREFIX or mqtts://… (TLS); anything else is a one-line error naming --mqtt."""
     usage = "expected mqtt://HOST[:PORT]/TOPIC-PREFIX or mqtts://…"
-    url = urlsplit(text)
+    try:
+        url = urlsplit(text)
+    except ValueError as error:  # "Invalid IPv6 URL" for a lone [
+        raise InspectError(f"--mqtt {text!r}: not a URL ({error}; {usage})") from None
     if url.scheme not in DEFAULT_PORTS:
         raise InspectError(f"--mqtt {text!r}: the scheme must be mqtt:// or mqtts:// ({usage})")
     if url.username is not None:
@@ -66,6 +72,16 @@ def parse_mqtt_url(text: str) -> MqttTarget:
         raise InspectError(f"--mqtt {text!r}: no topic prefix ({usage})")
     if "+" in prefix or "#" in text or url.query:
         raise InspectError(f"--mqtt {text!r}: the topic prefix must not hold the wildcards + or #, nor a ?query")
+    if prefix.startswith("$"):
+        raise InspectError(f"--mqtt {text!r}: topics beginning with $ ($SYS/…) are the broker's own; it drops what "
+                           "clients publish there")
+    try:
+        size = len(f"{prefix}/heartbeat".encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InspectError(f"--mqtt {text!r}: the topic prefix is not valid UTF-8") from None
+    if size > MAX_TOPIC_BYTES or "\0" in prefix:
+        raise InspectError(f"--mqtt {text!r}: the topic prefix must be at most {MAX_TOPIC_BYTES - 10} bytes of UTF-8 "
+                           "without NUL")
     return MqttTarget(url.hostname, port, prefix, url.scheme == "mqtts")
 
 
@@ -88,9 +104,17 @@ class DiskQueue:
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a crash of the process
             self.db.execute("CREATE TABLE IF NOT EXISTS queue "
                             "(id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload TEXT NOT NULL)")
+            columns = [row[1] for row in self.db.execute("PRAGMA table_info(queue)")]
+            self.db.execute("BEGIN IMMEDIATE")  # takes the write lock: a file we cannot write fails here, not later
+            self.db.execute("ROLLBACK")
             self.depth = self.db.execute("SELECT COUNT(*) FROM queue").fetchone()[0]
         except (OSError, sqlite3.Error) as error:
-            raise InspectError(f"--mqtt: cannot use {path} as the message queue: {error}") from None
+            raise InspectError(f"--mqtt: cannot use {path} as the message queue ({error}); make it writable, remove "
+                               "it, or give another --out") from None
+        if columns != ["id", "topic", "payload"]:
+            self.db.close()
+            raise InspectError(f"--mqtt: {path} holds a queue table of another layout ({', '.join(columns)}); remove "
+                               "it, or give another --out")
 
     def push(self, topic: str, payload: str) -> int:
         """Append one message; when full, drop the oldest not in flight. Returns how many were dropped."""
@@ -263,7 +287,7 @@ class MqttSink(Sink):
                 "queue": {"depth": self.queue.depth, "dropped": self.queue.dropped}}
         self.client.publish(self.topic("heartbeat"), json.dumps(beat, default=str), qos=1)
 
-    def close(self, timeout_s: float = 10.0) -> None:
+    def close(self, timeout_s: float = 3.0) -> None:
         """Deliver what is queued within `timeout_s`, say offline (retained), disconnect. What is left stays on
         disk and goes out with the next run on the same queue file."""
         deadline = time.monotonic() + timeout_s

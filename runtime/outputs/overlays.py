@@ -10,10 +10,11 @@ from pathlib import Path
 
 import cv2
 
+from edgeinspect.runtime.console import RateLimitedWarning
 from edgeinspect.runtime.files import atomic_write_bytes
 from edgeinspect.runtime.outputs.out_folder import source_file_part
 from edgeinspect.runtime.outputs.run_log import LOG_FILE
-from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 OVERLAY_FOLDER = "overlays"
 

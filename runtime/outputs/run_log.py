@@ -16,8 +16,8 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgeinspect.runtime.console import warn
-from edgeinspect.runtime.outputs.sinks import Inspected, RateLimitedWarning, Sink
+from edgeinspect.runtime.console import RateLimitedWarning, warn
+from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 LOG_FILE = "inspections.jsonl"
 WAITING_LINES_MAX = 100_000  # lines kept in memory while the disk is full (~40 MB)

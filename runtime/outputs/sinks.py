@@ -3,12 +3,11 @@ sinks (JSON log, overlay store, live view, MQTT, console), each with the same tw
 alone; a sink that fails is reported (at most once a minute) and the others go on. The overlay is drawn at
 most once per frame, by the first sink that asks for it."""
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeinspect.runtime.console import warn
+from edgeinspect.runtime.console import RateLimitedWarning, warn
 from edgeinspect.runtime.inference.regions import heat_overlay
 
 
@@ -47,23 +46,6 @@ class Sink:
 
     def close(self) -> None:
         pass
-
-
-class RateLimitedWarning:
-    """A warning said at once, then at most once per `interval_s` while the condition lasts, with a count of
-    what was not said."""
-
-    def __init__(self, interval_s: float = 60.0):
-        self.interval_s, self.last, self.silenced = interval_s, {}, {}
-
-    def __call__(self, key: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -self.interval_s) >= self.interval_s:
-            extra = self.silenced.pop(key, 0)
-            warn(message + (f" ({extra} more since the last warning)" if extra else ""))
-            self.last[key] = now
-        else:
-            self.silenced[key] = self.silenced.get(key, 0) + 1
 
 
 class Sinks:
