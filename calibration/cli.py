@@ -9,11 +9,14 @@ from edgeinspect.runtime.console import InspectError, command_app, console, one_
 from edgeinspect.runtime.datasets import open_dataset
 from edgeinspect.runtime.files import atomic_write_json, writable_dir, writable_file_parent
 from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.signing import load_key, sign
 from edgeinspect.runtime.inference.images import list_images
 
 from .evaluate import METRIC_COLUMNS, evaluate, metrics_rows, predict
 from .thresholds import calibrate, check_options
 
+TRUST = typer.Option(None, "--trust", help="Public key (PEM) whose signature the bundle must carry (repeat for "
+                     "several); an unsigned or otherwise signed bundle is refused.")
 calibrate_app = command_app()
 eval_app = command_app()
 
@@ -29,10 +32,15 @@ def calibrate_command(
                                 "quantile."),
     k: float = typer.Option(3.0, "--k", help="k of the sigma and robust methods."),
     fpr: float = typer.Option(0.01, "--fpr", help="False-alarm rate on good images of the quantile method."),
+    trust: list[Path] = TRUST,
+    sign_key: Path = typer.Option(None, "--sign", help="Ed25519 private key (PEM) to sign the calibrated bundle "
+                                  "with: its thresholds change, so a signature from before no longer covers it."),
 ):
     """Set the image and pixel thresholds from held-out good images, run through the bundle itself."""
     check_options(method, k, fpr)
-    bundle = load_bundle(bundle_dir)
+    if sign_key is not None:
+        load_key(sign_key, "private", "--sign")  # before the images are run
+    bundle = load_bundle(bundle_dir, trust=trust)
     if images is not None:
         paths, source = list_images(images), str(images)
     else:
@@ -58,6 +66,10 @@ def calibrate_command(
         table.add_row("image, not applied", "", "", "", f"{rule['robust']} (--method robust)",
                       f"{robust['threshold']:.4g}", f"{100 * robust['fraction_above']:.2f}%")
     console.print(table)
+    if sign_key is not None:
+        bundle.record["signature"] = sign(bundle.record, sign_key)
+        bundle.save()
+        console.print(f"signed with key {bundle.record['signature']['key']}")
     console.print(f"written to {bundle.path / 'bundle.json'}")
 
 
@@ -70,12 +82,13 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Images per inference call."),
     report: Path = typer.Option(None, "--report", help="Folder to write report.html into: metrics, curves, "
                                 "score histograms and a gallery of misses, false alarms and detections."),
+    trust: list[Path] = TRUST,
 ):
     """Image AUROC, pixel AUROC, AUPRO, F1-max and precision/recall/accuracy at the calibrated threshold,
     per defect type and overall (pixel metrics only where the data set has ground-truth masks)."""
     if batch_size < 1:
         raise InspectError(f"--batch-size must be at least 1, got {batch_size}")
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust=trust)
     # where the results go is checked before anything is computed
     out = writable_file_parent(out, "--out") if out is not None else writable_file_parent(
         bundle.path / "eval.json", "--out (default BUNDLE/eval.json)")

@@ -7,6 +7,7 @@ import typer
 
 from edgeinspect.runtime.console import InspectError, command_app, console, one_line_errors
 from edgeinspect.runtime.inference.bundle import BUNDLE_RECORD, load_bundle
+from edgeinspect.runtime.inference.signing import load_key, sign
 
 app = command_app()
 MAX_WORKSPACE_MB = 1 << 20
@@ -40,6 +41,9 @@ def export(
     workspace_mb: int = typer.Option(2048, "--workspace-mb", help="TensorRT builder workspace limit in MiB."),
     timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (default: one per "
                                       "GPU model and TensorRT version in ~/.cache/edge-inspect/tensorrt)."),
+    sign_key: Path = typer.Option(None, "--sign", help="Ed25519 private key (PEM) to sign the bundle with "
+                                  "(inspect-run --trust PUBKEY then refuses any other); calibrating changes the "
+                                  "thresholds, so sign again there: inspect-calibrate --sign KEY."),
 ):
     """Export to ONNX (uint8 images in; anomaly_map and score out), check it against PyTorch and against what
     TensorRT accepts, and write the bundle. On a bundle (--engine, --fp16, --check) no torch is needed."""
@@ -47,6 +51,8 @@ def export(
 
     if not 1 <= workspace_mb <= MAX_WORKSPACE_MB:
         raise InspectError(f"--workspace-mb must be from 1 to {MAX_WORKSPACE_MB} (1 TiB), got {workspace_mb}")
+    if sign_key is not None:
+        load_key(sign_key, "private", "--sign")  # before anything is exported
     options = EngineOptions(fp16=fp16, build_engine=engine, batch_sizes=parse_batch_sizes(batch_sizes),
                             workspace_mb=workspace_mb, timing_cache=timing_cache)
     is_bundle = (path / BUNDLE_RECORD).is_file()
@@ -70,6 +76,10 @@ def export(
         from .onnx_export import export_bundle  # torch, timm and the training code: the workstation only
 
         bundle = export_bundle(path, out, opset, engine=options)
+    if sign_key is not None:
+        bundle.record["signature"] = sign(bundle.record, sign_key)
+        bundle.save()
+        console.print(f"signed with key {bundle.record['signature']['key']}")
     size_mb = sum(f["bytes"] for f in bundle.record["files"].values()) / 1e6
     console.print(f"bundle written to {bundle.path} ({size_mb:.1f} MB); next: inspect-calibrate {bundle.path}")
 

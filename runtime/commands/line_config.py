@@ -82,6 +82,8 @@ LINE_SCHEMA = {
                           "username": _TEXT, "password": _SECRET, "ca": _TEXT, "cert": _TEXT, "key": _TEXT,
                           "queue": _whole(1), "heartbeat": _number(0)}),
         "alarms": _section(_LIMITS),
+        "trust": {"type": "array", "minItems": 1, "items": _TEXT,
+                  "x-message": "a list of public key files whose signature the bundle must carry"},
     },
 }
 _VALIDATOR = strict_validator(LINE_SCHEMA)
@@ -97,6 +99,7 @@ OPTION_KEYS = {
     "mqtt_username": ("mqtt", "username"), "mqtt_password": ("mqtt", "password"), "mqtt_ca": ("mqtt", "ca"),
     "mqtt_cert": ("mqtt", "cert"), "mqtt_key": ("mqtt", "key"), "mqtt_queue": ("mqtt", "queue"),
     "mqtt_heartbeat": ("mqtt", "heartbeat"), "backend": ("inference", "backend"), "threads": ("inference", "threads"),
+    "trust": ("trust",),
 }
 PATH_OPTIONS = {"bundle_dir", "out", "collect_good", "mqtt_ca", "mqtt_cert", "mqtt_key", "view_token_file"}
 
@@ -158,6 +161,8 @@ def apply_line_config(options: dict, given: set[str], path: Path) -> tuple[dict,
             value = resolve_secret(value, "mqtt.password", Path(path))
         elif option in PATH_OPTIONS:
             value = folder / value
+        elif option == "trust":
+            value = [folder / key for key in value]
         options[option] = value
     if "source" not in given and "camera" not in given and record.get("sources"):
         texts, names = [], []
@@ -184,7 +189,7 @@ def print_config(options: dict, defaults: dict) -> str:
     record: dict = {}
     for option, keys in OPTION_KEYS.items():
         value = options.get(option)
-        if value is None or value == defaults.get(option):
+        if value is None or (isinstance(value, (list, tuple)) and not value) or value == defaults.get(option):
             continue
         if option == "mqtt_password":
             value = {"env": MQTT_PASSWORD_ENV}
@@ -195,6 +200,8 @@ def print_config(options: dict, defaults: dict) -> str:
             section = section.setdefault(key, {})
         if option in PATH_OPTIONS:  # the file may be kept elsewhere than where these were relative to
             value = Path(value).resolve()
+        elif option == "trust":
+            value = [str(Path(key).resolve()) for key in value]
         section[keys[-1]] = str(value) if isinstance(value, Path) else getattr(value, "value", value)
     sources = []
     texts = list(options.get("source") or []) + ([str(options["camera"])] if options.get("camera") is not None else [])

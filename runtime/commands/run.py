@@ -120,6 +120,8 @@ def run(
     mqtt_heartbeat: float = typer.Option(10.0, "--mqtt-heartbeat", help="Seconds between heartbeats."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda, openvino or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
+    trust: list[Path] = typer.Option(None, "--trust", help="Public key (PEM) whose signature the bundle must carry "
+                                     "(repeat for several); an unsigned or otherwise signed bundle is refused."),
     config: Path = typer.Option(None, "--config", help="Line config file (TOML) holding these options, the "
                                 "sources' names and the alarms' limits; a flag given here overrides it."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the options given as a line config "
@@ -146,7 +148,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                  log_rotate: str | None, log_gzip: bool, max_disk: str | None, keep_days: float | None,
                  mqtt: str | None, mqtt_username: str | None, mqtt_password: str | None, mqtt_ca: Path | None,
                  mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_queue: int, mqtt_heartbeat: float, backend: str,
-                 threads: int | None, source_names: list[str] | None = None, limits: Limits = Limits()) -> None:
+                 threads: int | None, trust: list[Path] | None = None, source_names: list[str] | None = None, limits: Limits = Limits()) -> None:
     """One line's run, from inspect-run's options (flags, a line config file, or both)."""
     save, mode = Save(save), Mode(mode)
     if bundle_dir is None:
@@ -169,7 +171,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
     positive_finite(mqtt_heartbeat, "--mqtt-heartbeat")
     max_bytes = parse_bytes(max_disk, "--max-disk") if max_disk else None
     rotate_bytes, rotate_daily = log_rotation(log_rotate, max_bytes)
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust=trust)
     if bundle.thresholds is None:
         warn(f"{bundle_dir} is not calibrated: scores only, no verdicts (run inspect-calibrate)")
     named = [named_source(text) for text in sources]

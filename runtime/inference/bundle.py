@@ -9,8 +9,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.console import InspectError, warn
 from edgeinspect.runtime.files import atomic_write_bytes, sha256_file
+from edgeinspect.runtime.inference.signing import check_trusted, still_signed
 from edgeinspect.runtime.schema import check_finite, check_record, strict_validator
 
 BUNDLE_FORMAT_VERSION = 1
@@ -114,8 +115,13 @@ class Bundle:
         return self.record.get("thresholds")
 
     def save(self) -> None:
-        """Write bundle.json atomically; a record that load_bundle would refuse is never written."""
+        """Write bundle.json atomically; a record that load_bundle would refuse is never written. A signature that
+        no longer matches what it covered (thresholds recalibrated, a model added) is removed, with a warning."""
         path = self.path / BUNDLE_RECORD
+        if self.record.get("signature") and not still_signed(self.record):
+            del self.record["signature"]
+            warn(f"{path}: changed after it was signed, so its signature is removed; sign it again "
+                 "(inspect-calibrate BUNDLE --sign KEY) where --trust is used")
         check_finite(self.record, path)
         text = json.dumps(self.record, indent=2, allow_nan=False) + "\n"
         validate_record(json.loads(text), path)  # as load_bundle will read it (tuples as lists, numpy as numbers)
@@ -159,9 +165,10 @@ def _check_files_listed(record: dict, record_path: Path) -> None:
                                "re-export the bundle")
 
 
-def load_bundle(path: Path, verify: bool = True) -> Bundle:
-    """Read bundle.json, validate it against BUNDLE_SCHEMA and check every model file against its sha256; any
-    problem is a one-line error naming bundle.json and the field, or the file."""
+def load_bundle(path: Path, verify: bool = True, trust: list[Path] | None = None) -> Bundle:
+    """Read bundle.json, validate it against BUNDLE_SCHEMA and check every model file against its sha256; with
+    `trust` (public key files), its signature too. Any problem is a one-line error naming bundle.json and the
+    field, or the file."""
     path = Path(path)
     record_path = path / BUNDLE_RECORD
     if not record_path.is_file():
@@ -186,6 +193,8 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
                                    "copy the bundle again or re-export it")
         for name in filter(None, (record["model_file"], record.get("fp16_model_file"))):
             check_graph(path / name, record["input"]["name"], tuple(record["input"]["size"]))
+    if trust:
+        check_trusted(record, record_path, trust)  # after the digests: the signature covers the files through them
     return Bundle(path, record)
 
 
