@@ -36,7 +36,8 @@ def export(
                                 "--fp16)."),
     check: bool = typer.Option(False, "--check", help="Only check a bundle's ONNX graph against TensorRT's "
                                "support (runs on any CPU; also done at every export)."),
-    batch_sizes: str = typer.Option("1,1,8", "--batch-sizes", help="Engine optimisation profile MIN,OPT,MAX; MAX "
+    batch_sizes: str = typer.Option(None, "--batch-sizes", help="Engine optimisation profile MIN,OPT,MAX (default "
+                                    "1,1,8 at export, the bundle's own on a bundle); MAX "
                                     "also bounds the tensor-size check."),
     workspace_mb: int = typer.Option(2048, "--workspace-mb", help="TensorRT builder workspace limit in MiB."),
     timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (default: one per "
@@ -47,13 +48,13 @@ def export(
 ):
     """Export to ONNX (uint8 images in; anomaly_map and score out), check it against PyTorch and against what
     TensorRT accepts, and write the bundle. On a bundle (--engine, --fp16, --check) no torch is needed."""
-    from .device_export import EngineOptions, engine_for_bundle, report_tensorrt_check
+    from .device_export import DEFAULT_BATCH_SIZES, EngineOptions, engine_for_bundle, report_tensorrt_check
 
     if not 1 <= workspace_mb <= MAX_WORKSPACE_MB:
         raise InspectError(f"--workspace-mb must be from 1 to {MAX_WORKSPACE_MB} (1 TiB), got {workspace_mb}")
     if sign_key is not None:
         load_key(sign_key, "private", "--sign")  # before anything is exported
-    options = EngineOptions(fp16=fp16, build_engine=engine, batch_sizes=parse_batch_sizes(batch_sizes),
+    options = EngineOptions(fp16=fp16, build_engine=engine, batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes else None,
                             workspace_mb=workspace_mb, timing_cache=timing_cache)
     is_bundle = (path / BUNDLE_RECORD).is_file()
     if is_bundle and out is not None:
@@ -62,8 +63,10 @@ def export(
     if check:
         if not is_bundle:
             raise InspectError(f"{path}: --check needs a bundle folder (one with {BUNDLE_RECORD})")
-        model_file = load_bundle(path).model_file
-        report = report_tensorrt_check(model_file, options.batch_sizes[-1])
+        bundle = load_bundle(path)
+        profile = options.batch_sizes or bundle.record.get("batch_profile") or DEFAULT_BATCH_SIZES
+        model_file = bundle.model_file
+        report = report_tensorrt_check(model_file, profile[-1])
         if not report["ok"]:
             raise InspectError(f"{model_file}: {len(report['problems'])} problem(s) for TensorRT, first: "
                                f"{report['problems'][0]}")

@@ -16,6 +16,7 @@ from .tensorrt_check import check_tensorrt
 from .tensorrt_engine import ENGINE_FILE, build_engine, tensorrt_unavailable
 
 FP16_MODEL_FILE = "model_fp16.onnx"
+DEFAULT_BATCH_SIZES = (1, 1, 8)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class EngineOptions:
 
     fp16: bool = False
     build_engine: bool = False  # also without --fp16: an fp32 engine
-    batch_sizes: tuple[int, int, int] = (1, 1, 8)  # optimisation profile: min, opt, max
+    # optimisation profile min, opt, max; None: the bundle's own (inspect-export RUN: (1, 1, 8))
+    batch_sizes: tuple[int, int, int] | None = None
     workspace_mb: int = 2048
     timing_cache: Path | None = None  # None: this machine's cache folder, one file per GPU and TensorRT version
 
@@ -65,7 +67,7 @@ def add_engine(bundle: Bundle, options: EngineOptions) -> None:
     if not bundle.record["tensorrt_check"]["ok"]:
         raise InspectError("TensorRT compatibility check failed: " + bundle.record["tensorrt_check"]["problems"][0])
     source = bundle.path / bundle.record["fp16_model_file"] if options.fp16 else bundle.model_file
-    record = build_engine(source, bundle.path / ENGINE_FILE, options.batch_sizes, options.workspace_mb,
+    record = build_engine(source, bundle.path / ENGINE_FILE, tuple(bundle.record["batch_profile"]), options.workspace_mb,
                           options.timing_cache)
     bundle.record["engine"] = {**record, "precision": "fp16" if options.fp16 else "fp32"}
     console.print(f"TensorRT engine written ({record['gpu']}, TensorRT {record['tensorrt']}, "
@@ -82,6 +84,10 @@ def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
     try:
         shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
         staged = Bundle(staging, bundle.record)
+        profile = options.batch_sizes or tuple(bundle.record.get("batch_profile") or DEFAULT_BATCH_SIZES)
+        if list(profile) != bundle.record.get("batch_profile"):  # another profile: checked again, recorded for all
+            bundle.record["tensorrt_check"] = report_tensorrt_check(staging / bundle.record["model_file"], profile[-1])
+            bundle.record["batch_profile"] = list(profile)
         if options.fp16 and not bundle.record.get("fp16_model_file"):
             add_fp16_model(staged)
         add_engine(staged, options)

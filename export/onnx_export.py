@@ -19,7 +19,8 @@ from edgeinspect.runtime.inference.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_R
 from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.train.run import load_run
 
-from .device_export import EngineOptions, add_engine, add_fp16_model, model_files, report_tensorrt_check
+from .device_export import (DEFAULT_BATCH_SIZES, EngineOptions, add_engine, add_fp16_model, model_files,
+                            report_tensorrt_check)
 from .precision import fp32_nodes, onnx_scopes
 from .static_padding import with_static_padding
 
@@ -81,8 +82,9 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
         record["export"]["seconds"] = round(export_s, 2)
         half_scopes = onnx_scopes(model.half_precision_modules)
         record["precision"] = {"half_scopes": half_scopes, "fp32_nodes": fp32_nodes(staging / MODEL_FILE, half_scopes)}
-        record["tensorrt_check"] = report_tensorrt_check(staging / MODEL_FILE, engine.batch_sizes[-1])
-        record["batch_profile"] = list(engine.batch_sizes)
+        profile = engine.batch_sizes or DEFAULT_BATCH_SIZES
+        record["tensorrt_check"] = report_tensorrt_check(staging / MODEL_FILE, profile[-1])
+        record["batch_profile"] = list(profile)
         if engine.fp16:
             add_fp16_model(bundle)
         if engine.fp16 or engine.build_engine:

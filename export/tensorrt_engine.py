@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgeinspect.runtime.console import InspectError
 from edgeinspect.runtime.files import atomic_write_bytes, cache_dir, sha256_file
-from edgeinspect.runtime.inference.cuda_device import CudaUnavailable, open_cuda
+from edgeinspect.runtime.inference.cuda_device import CudaUnavailable, device_identity, open_cuda
 
 ENGINE_FILE = "model.engine"
 
@@ -29,14 +29,13 @@ def tensorrt_unavailable() -> str | None:
     return None
 
 
-def device_identity() -> dict:
-    """What an engine is tied to: the TensorRT version and the GPU (name and compute capability)."""
+def this_device() -> dict:
+    """What an engine built here is tied to (cuda_device.device_identity)."""
     import tensorrt as trt
 
     cuda = open_cuda()
     try:
-        major, minor = cuda.compute_capability()
-        return {"tensorrt": trt.__version__, "gpu": cuda.name(), "compute_capability": f"{major}.{minor}"}
+        return device_identity(cuda, trt.__version__)
     finally:
         cuda.close()
 
@@ -59,7 +58,7 @@ def build_engine(onnx_path: Path, engine_path: Path, batch_sizes: tuple[int, int
     """Parse, build and write the engine; returns its record (what it was built from and for)."""
     import tensorrt as trt
 
-    identity = device_identity()
+    identity = this_device()
     cache_path = cache_path or default_timing_cache(identity)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = _checked(trt.Builder(logger), "create a builder")

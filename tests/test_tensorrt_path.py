@@ -165,21 +165,31 @@ def test_auto_backend_falls_back_to_the_cpu_and_says_why(kind_bundle):
 
 
 class _Device:
-    """The two facts the engine check reads from pycuda's Device."""
+    """The facts the engine check reads from the CUDA adapter: an AGX Orin 64 GB."""
 
     def name(self):
-        return "NVIDIA Jetson Orin"
+        return "Orin"
 
     def compute_capability(self):
         return (8, 7)
 
+    def multiprocessors(self):
+        return 16
+
 
 def test_an_engine_built_elsewhere_is_refused_with_the_rebuild_command(kind_bundle):
+    """Another compute capability, another TensorRT, or the same compute capability on another model (an Orin
+    Nano's 8 multiprocessors against this AGX Orin's 16) is refused; the same model passes, as does an engine
+    recorded before multiprocessors were (by the rest)."""
     bundle = load_bundle(kind_bundle)
-    engine = {"tensorrt": "10.3.0", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
-    with pytest.raises(BackendUnavailable, match=f"rebuild it here with inspect-export {bundle.path} --engine"):
-        check_engine_matches_device(bundle, engine, "10.3.0", _Device())
-    check_engine_matches_device(bundle, dict(engine, compute_capability="8.7"), "10.3.0", _Device())
+    here = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "multiprocessors": 16}
+    for other in ({"gpu": "NVIDIA H100", "compute_capability": "9.0"}, {"tensorrt": "10.13.3"},
+                  {"multiprocessors": 8}, {"gpu": "NVIDIA L4"}):
+        with pytest.raises(BackendUnavailable, match=f"rebuild it here with inspect-export {bundle.path} --engine"):
+            check_engine_matches_device(bundle, {**here, **other}, "10.3.0", _Device())
+    check_engine_matches_device(bundle, here, "10.3.0", _Device())
+    check_engine_matches_device(bundle, {k: v for k, v in here.items() if k != "multiprocessors"}, "10.3.0",
+                                _Device())
 
 
 @pytest.mark.skipif(tensorrt_unavailable() is not None, reason=f"no TensorRT engine can be built here: "

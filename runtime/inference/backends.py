@@ -6,8 +6,11 @@ when their backend is opened."""
 
 import contextlib
 import ctypes
+import functools
+import importlib.util
 import io
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import numpy as np
 from edgeinspect.runtime.console import InspectError
 from edgeinspect.runtime.files import cache_dir
 from edgeinspect.runtime.inference.bundle import Bundle
-from edgeinspect.runtime.inference.cuda_device import CudaUnavailable, open_cuda
+from edgeinspect.runtime.inference.cuda_device import CudaUnavailable, device_identity, open_cuda
 
 
 class BackendUnavailable(InspectError):
@@ -39,6 +42,22 @@ def openvino_config(threads: int | None) -> dict:
             "INFERENCE_NUM_THREADS": threads or os.cpu_count() or 1}
 
 
+def batches_within_profile(run):
+    """A batch larger than the profile's maximum runs in parts; one smaller than its minimum (one frame, or what
+    is left of a batch, against --batch-sizes 4,8,16) is padded with blank images, whose outputs are dropped."""
+    @functools.wraps(run)
+    def within(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(images) > self.max_batch:
+            parts = [within(self, images[i:i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if len(images) < self.min_batch:
+            blank = np.zeros((self.min_batch - len(images), *images.shape[1:]), images.dtype)
+            anomaly_map, score = run(self, np.concatenate([images, blank]))
+            return anomaly_map[:len(images)], score[:len(images)]
+        return run(self, images)
+    return within
+
+
 class OrtBackend:
     """ONNX Runtime with one execution provider. GPU sessions never fall back to the CPU silently (ONNX
     Runtime's Python session otherwise retries on the CPU, at creation and inside run(), and keeps its name);
@@ -60,6 +79,7 @@ class OrtBackend:
             raise BackendUnavailable(f"this onnxruntime has no {self.provider} (onnxruntime-gpu has it: "
                                      "pip install 'edge-inspect[gpu]')")
         if self.provider_library:
+            self.preload()
             _preload_gpu_libraries(ort, self.provider_library, self.libraries_hint)
         options = ort_session_options(ort, threads)
         model_file = bundle.model_file
@@ -77,6 +97,9 @@ class OrtBackend:
             raise BackendUnavailable(f"{self.provider} did not start (ONNX Runtime's log above says why)")
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = bundle.record["outputs"]
+
+    def preload(self) -> None:
+        """Libraries the provider needs that its own loading would not find."""
 
     def provider_options(self, bundle: Bundle) -> dict:
         return {}
@@ -102,6 +125,20 @@ def _preload_gpu_libraries(ort, provider_library: str, hint: str) -> None:
         raise BackendUnavailable(f"{path.name} cannot load: {missing} ({hint})")
 
 
+def load_package_libraries(package: str, names: tuple[str, ...]) -> None:
+    """Load shared libraries that a pip package holds in its folder, globally, so that a library linked against
+    them finds them by name. Nothing happens where the package is not installed (JetPack puts them on the
+    system's path)."""
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for name in names:
+            if (Path(folder) / name).is_file():
+                try:
+                    ctypes.CDLL(str(Path(folder) / name), mode=ctypes.RTLD_GLOBAL)
+                except OSError:  # what it lacks in turn: the provider's probe names it
+                    pass
+
+
 def missing_shared_library(path: Path) -> str | None:
     """The loader's message when a library this shared library needs cannot be found, or None. ONNX Runtime's
     providers take one symbol from libonnxruntime_providers_shared.so beside them, which is loaded first."""
@@ -121,7 +158,8 @@ class OrtCpuBackend(OrtBackend):
 
 
 class OrtCudaBackend(OrtBackend):
-    """CUDA provider on the fp16 model, TF32 off so that the fp32 layers (distances, Min) stay fp32."""
+    """CUDA provider on the fp16 model, TF32 off so that the fp32 layers (distances, Min) stay fp32 (ONNX Runtime
+    1.18 and newer; older ones have no switch)."""
 
     name, provider, prefers_fp16 = "ort-cuda", "CUDAExecutionProvider", True
     provider_library = "libonnxruntime_providers_cuda.so"
@@ -129,7 +167,17 @@ class OrtCudaBackend(OrtBackend):
                       "onnxruntime-gpu[cuda,cudnn], or put them on LD_LIBRARY_PATH")
 
     def provider_options(self, bundle: Bundle) -> dict:
-        return {"device_id": "0", "use_tf32": "0"}
+        import onnxruntime as ort
+
+        options = {"device_id": "0"}
+        if onnxruntime_version(ort.__version__) >= (1, 18):  # older providers (JetPack's) refuse unknown options
+            options["use_tf32"] = "0"
+        return options
+
+
+def onnxruntime_version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 class OrtTensorRTBackend(OrtBackend):
@@ -142,8 +190,23 @@ class OrtTensorRTBackend(OrtBackend):
     libraries_hint = ("ONNX Runtime's TensorRT provider needs TensorRT 10, not 11: pip install 'edge-inspect[gpu]', "
                       "which brings tensorrt-cu13 10.x, or JetPack's TensorRT 10")
 
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        self.min_batch, _, self.max_batch = batch_profile(bundle)
+        super().__init__(bundle, threads)
+
+    @batches_within_profile
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return super().__call__(images)
+
+    def preload(self) -> None:
+        """TensorRT's libraries from its pip package (tensorrt_libs), which nothing but `import tensorrt` loads:
+        the provider library has no RUNPATH to them."""
+        load_package_libraries("tensorrt_libs", ("libnvinfer.so.10", "libnvonnxparser.so.10"))
+
     def provider_options(self, bundle: Bundle) -> dict:
-        cache = str(cache_dir("ort-tensorrt") / bundle.record["files"][bundle.record["model_file"]]["sha256"][:16])
+        cache = cache_dir("ort-tensorrt") / bundle.record["files"][bundle.record["model_file"]]["sha256"][:16]
+        cache.mkdir(parents=True, exist_ok=True)  # the provider makes the last folder only, and fails without it
+        cache = str(cache)
         height, width = bundle.input_size
         low, optimum, high = (f"{bundle.record['input']['name']}:{b}x{height}x{width}x3" for b in batch_profile(bundle))
         return {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
@@ -215,6 +278,16 @@ class TensorRTBackend:
             self.cuda = open_cuda()
         except CudaUnavailable as reason:
             raise BackendUnavailable(str(reason)) from None
+        # released when the backend goes, at the latest when the interpreter ends: before pycuda's own cleanup,
+        # which aborts the process while a context is current
+        self.release = weakref.finalize(self, self.cuda.close)
+        try:
+            self._load(bundle, engine_record, trt)
+        except BaseException:
+            self.release()
+            raise
+
+    def _load(self, bundle: Bundle, engine_record: dict, trt) -> None:
         check_engine_matches_device(bundle, engine_record, trt.__version__, self.cuda)
         engine_file = bundle.path / engine_record["file"]
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_file.read_bytes())
@@ -223,7 +296,7 @@ class TensorRTBackend:
         self.engine, self.context = engine, engine.create_execution_context()
         if self.context is None:
             raise BackendUnavailable(f"{engine_file}: TensorRT could not create an execution context")
-        self.max_batch = engine_record["batch_sizes"][-1]
+        self.min_batch, self.max_batch = engine_record["batch_sizes"][0], engine_record["batch_sizes"][-1]
         self.buffers = {}
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
@@ -236,10 +309,11 @@ class TensorRTBackend:
         self.input_name = next(n for n, (_, _, is_input) in self.buffers.items() if is_input)
         self.output_names = bundle.record["outputs"]
 
+    def close(self) -> None:
+        self.release()
+
+    @batches_within_profile
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if len(images) > self.max_batch:
-            parts = [self(images[i:i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         batch = len(images)
         if not self.context.set_input_shape(self.input_name, images.shape):
             raise InspectError(f"TensorRT refused input shape {images.shape}")
@@ -259,15 +333,16 @@ class TensorRTBackend:
 
 
 def check_engine_matches_device(bundle: Bundle, engine: dict, tensorrt_version: str, device) -> None:
-    """Engines are not portable: refuse one built with another TensorRT or for another GPU."""
-    major, minor = device.compute_capability()
-    here = {"tensorrt": tensorrt_version, "gpu": device.name(), "compute_capability": f"{major}.{minor}"}
-    for key in ("tensorrt", "compute_capability"):
-        if engine.get(key) != here[key]:
-            raise BackendUnavailable(
-                f"{bundle.path}: engine built for {engine.get('gpu')} (compute {engine.get('compute_capability')}, "
-                f"TensorRT {engine.get('tensorrt')}), this is {here['gpu']} (compute {here['compute_capability']}, "
-                f"TensorRT {here['tensorrt']}): rebuild it here with inspect-export {bundle.path} --engine")
+    """Engines are not portable: refuse one built with another TensorRT or for another GPU model (an engine
+    recorded before the multiprocessor count was: by the rest)."""
+    here = device_identity(device, tensorrt_version)
+    keys = [key for key in here if key in engine or key != "multiprocessors"]
+    if any(engine.get(key) != here[key] for key in keys):
+        def described(identity: dict) -> str:
+            return (f"{identity.get('gpu')} (compute {identity.get('compute_capability')}, "
+                    f"{identity.get('multiprocessors', '?')} multiprocessors, TensorRT {identity.get('tensorrt')})")
+        raise BackendUnavailable(f"{bundle.path}: engine built for {described(engine)}, this is {described(here)}: "
+                                 f"rebuild it here with inspect-export {bundle.path} --engine")
 
 
 BACKENDS = {backend.name: backend for backend in

@@ -1,10 +1,11 @@
 """The CUDA calls the TensorRT backend and the engine build need, behind one small contract, with two
 implementations: pycuda (named by the design; it builds from source against the CUDA toolkit, as on a
 Jetson) and NVIDIA's cuda-python (`cuda-bindings`: binary wheels for x86_64 and aarch64, for boxes without
-a toolkit). Contract: the device's name and compute capability, page-locked host arrays, device buffers,
+a toolkit). Contract: the device's name, compute capability and multiprocessor count, page-locked host arrays, device buffers,
 one stream, asynchronous copies both ways, synchronise, release; every CUDA return code is checked and a
 failure is a `CudaUnavailable` naming the call and CUDA's error."""
 
+import contextlib
 import ctypes
 
 import numpy as np
@@ -33,6 +34,7 @@ class CudaBindingsDevice:
         name = properties.name
         self._name = (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
         self._capability = (int(properties.major), int(properties.minor))
+        self._multiprocessors = int(properties.multiProcessorCount)
         self._host, self._device = [], []
         (self._stream,) = self._call("cudaStreamCreate")
 
@@ -49,6 +51,9 @@ class CudaBindingsDevice:
 
     def compute_capability(self) -> tuple[int, int]:
         return self._capability
+
+    def multiprocessors(self) -> int:
+        return self._multiprocessors
 
     @property
     def stream_handle(self) -> int:
@@ -91,7 +96,8 @@ class CudaBindingsDevice:
 
 class PyCudaDevice:
     """Device 0 through pycuda's driver API, on the device's primary context (the one the CUDA runtime, and
-    so TensorRT, uses), not a context of pycuda's own."""
+    so TensorRT, uses), not a context of pycuda's own. The context is pushed for each of pycuda's calls and popped
+    right after, on every path: pycuda aborts the process at exit when its context stack is not empty."""
 
     library = "pycuda"
 
@@ -100,18 +106,27 @@ class PyCudaDevice:
 
         self.driver = driver
         self.context = None
+        self._device = []
         try:
             driver.init()
             if driver.Device.count() < 1:
                 raise CudaUnavailable("CUDA sees no GPU (pycuda: Device.count() is 0)")
             self.device = driver.Device(0)
             self.context = self.device.retain_primary_context()
-            self.context.push()
-            self.stream = driver.Stream()
+            with self._current():
+                self.stream = driver.Stream()
         except driver.Error as error:
             self.close()
             raise CudaUnavailable(f"CUDA failed: {error} (pycuda)") from None
-        self._device = []
+
+    @contextlib.contextmanager
+    def _current(self):
+        """The primary context current for the calls inside, and popped again whatever happens."""
+        self.context.push()
+        try:
+            yield
+        finally:
+            self.driver.Context.pop()
 
     def name(self) -> str:
         return self.device.name()
@@ -119,13 +134,17 @@ class PyCudaDevice:
     def compute_capability(self) -> tuple[int, int]:
         return tuple(self.device.compute_capability())
 
+    def multiprocessors(self) -> int:
+        return int(self.device.get_attribute(self.driver.device_attribute.MULTIPROCESSOR_COUNT))
+
     @property
     def stream_handle(self) -> int:
         return self.stream.handle
 
     def _checked(self, call, *args):
         try:
-            return call(*args)
+            with self._current():
+                return call(*args)
         except self.driver.Error as error:
             raise CudaUnavailable(f"CUDA {getattr(call, '__name__', call)} failed: {error} (pycuda)") from None
 
@@ -147,14 +166,26 @@ class PyCudaDevice:
         self._checked(self.stream.synchronize)
 
     def close(self) -> None:
-        """Free the buffers and release the primary context (pop, then detach); safe to call twice."""
-        for allocation in getattr(self, "_device", []):
+        """Free the buffers and release the primary context; safe to call twice. Nothing is left current."""
+        if self.context is None:
+            return
+        for allocation in self._device:
             self._checked(allocation.free)
         self._device = []
-        if self.context is not None:
-            context, self.context = self.context, None
-            self._checked(context.pop)
-            self._checked(context.detach)
+        context, self.context = self.context, None
+        try:
+            context.detach()
+        except self.driver.Error as error:
+            raise CudaUnavailable(f"CUDA detach failed: {error} (pycuda)") from None
+
+
+def device_identity(cuda, tensorrt_version: str) -> dict:
+    """What a TensorRT engine is tied to: TensorRT's version and the GPU model, by its name, compute capability and
+    multiprocessor count (Orin Nano and AGX Orin are both 8.7, L4 and RTX 4090 both 8.9; TensorRT's plans are not
+    portable across device models)."""
+    major, minor = cuda.compute_capability()
+    return {"tensorrt": tensorrt_version, "gpu": cuda.name(), "compute_capability": f"{major}.{minor}",
+            "multiprocessors": cuda.multiprocessors()}
 
 
 def contiguous(host: np.ndarray) -> np.ndarray:
