@@ -38,6 +38,8 @@ def test_cuda_bindings_has_every_runtime_call_the_adapter_makes():
     calls = set(re.findall(r'_call\("(\w+)"', source)) | set(re.findall(r"self\.rt\.(\w+)", source))
     assert {"cudaMallocHost", "cudaMalloc", "cudaMemcpyAsync", "cudaStreamSynchronize"} <= calls
     assert [name for name in sorted(calls) if not hasattr(runtime, name)] == []
+    properties = runtime.cudaDeviceProp()
+    assert all(hasattr(properties, name) for name in ("name", "major", "minor", "multiProcessorCount"))
     assert hasattr(runtime.cudaMemcpyKind, "cudaMemcpyHostToDevice")
     assert hasattr(runtime.cudaMemcpyKind, "cudaMemcpyDeviceToHost")
 
