@@ -33,6 +33,8 @@ def calibrate_command(
     k: float = typer.Option(3.0, "--k", help="k of the sigma and robust methods."),
     fpr: float = typer.Option(0.01, "--fpr", help="False-alarm rate on good images of the quantile method."),
     trust: list[Path] = TRUST,
+    precision: str = typer.Option("auto", "--precision", help="Calibrate the fp32 or the int8 model (auto: int8 where "
+                                  "the bundle has one); the thresholds say which, and the runtime runs that one."),
     sign_key: Path = typer.Option(None, "--sign", help="Ed25519 private key (PEM) to sign the calibrated bundle "
                                   "with: its thresholds change, so a signature from before no longer covers it."),
 ):
@@ -53,10 +55,10 @@ def calibrate_command(
         if missing:
             raise InspectError(f"{missing[0]}: validation image not found ({len(missing)} missing); "
                                "pass --images with a folder of good images")
-    thresholds = calibrate(bundle, paths, k, source, method, fpr)
+    thresholds = calibrate(bundle, paths, k, source, method, fpr, precision)
     rule = {"sigma": f"μ + {k:g}σ", "robust": f"median + {k:g}·1.4826·MAD", "quantile": f"{1 - fpr:g} quantile"}
     table = Table("level", "n", "μ", "σ", "rule", "threshold", "good above it",
-                  title=f"calibration on {len(paths)} good images ({source})")
+                  title=f"calibration of the {thresholds['precision']} model on {len(paths)} good images ({source})")
     for level in ("image", "pixel"):
         t = thresholds[level]
         table.add_row(level, str(t["n"]), f"{t['mean']:.4g}", f"{t['std']:.4g}", rule[method], f"{t['threshold']:.4g}",
@@ -83,6 +85,8 @@ def eval_command(
     report: Path = typer.Option(None, "--report", help="Folder to write report.html into: metrics, curves, "
                                 "score histograms and a gallery of misses, false alarms and detections."),
     trust: list[Path] = TRUST,
+    precision: str = typer.Option("auto", "--precision", help="fp32 or int8 (auto: what the thresholds were "
+                                  "calibrated for)."),
 ):
     """Image AUROC, pixel AUROC, AUPRO, F1-max and precision/recall/accuracy at the calibrated threshold,
     per defect type and overall (pixel metrics only where the data set has ground-truth masks)."""
@@ -95,7 +99,7 @@ def eval_command(
     if report is not None:
         report = writable_dir(report, "--report")
     dataset = open_dataset(data)
-    predictions = predict(bundle, dataset, batch_size)
+    predictions = predict(bundle, dataset, batch_size, precision=precision)
     result = evaluate(bundle, predictions, dataset.name)
     table = Table(*METRIC_COLUMNS, title=f"{result['dataset']}: {result['n_images']} test images")
     for row in metrics_rows(result):

@@ -50,13 +50,14 @@ class Predictions:
         return self.types != GOOD
 
 
-def predict(bundle: Bundle, dataset: Dataset, batch_size: int = 8, backend="auto") -> Predictions:
+def predict(bundle: Bundle, dataset: Dataset, batch_size: int = 8, backend="auto", precision: str = "auto"
+            ) -> Predictions:
     if not dataset.test:
         raise InspectError(f"--data {dataset.name}: no test images (an MVTec AD layout has test/<type>/)")
     if batch_size < 1:
         raise InspectError(f"--batch-size must be at least 1, got {batch_size}")
     dataset.check_masks()  # before any inference: a missing mask would be scored as all-good pixels
-    inspector = Inspector(bundle, backend)
+    inspector = Inspector(bundle, backend, precision=precision)
     by_path = {sample.path: sample for sample in dataset.test}
     with_masks = dataset.has_masks
     paths, types, scores, maps, masks = [], [], [], [], []

@@ -70,13 +70,13 @@ def normality(scores: np.ndarray) -> dict:
 
 
 def calibrate(bundle: Bundle, images: list[Path], k: float = 3.0, source: str = "validation",
-              method: str = "sigma", fpr: float = 0.01) -> dict:
+              method: str = "sigma", fpr: float = 0.01, precision: str = "auto") -> dict:
     """Store image and pixel thresholds in bundle.json (atomically) and return them."""
     check_options(method, k, fpr)
     if len(images) < MIN_IMAGES:
         raise InspectError(f"{len(images)} good image(s) for calibration: need at least {MIN_IMAGES} (μ+kσ needs a "
                            f"spread; {ROUGH_BELOW} or more for a threshold that is more than a rough estimate)")
-    inspector = Inspector(bundle)
+    inspector = Inspector(bundle, precision=precision, calibrating=True)
     scores, pixels, pixel_sample = [], RunningMoments(), []
     with progress_bar() as bar:
         task = bar.add_task("calibrating", total=len(images))
@@ -113,6 +113,7 @@ def calibrate(bundle: Bundle, images: list[Path], k: float = 3.0, source: str = 
              f"{100 * robust['fraction_above']:.1f}% of these good images above it)")
     thresholds = {
         "method": METHODS[method],
+        "precision": inspector.precision,
         "source": source,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "image": {**image, "normality": normal},

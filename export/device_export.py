@@ -1,15 +1,17 @@
 """What the device itself adds to a bundle, without torch: the fp16 ONNX model, the TensorRT check and the
 TensorRT engine (`inspect-export BUNDLE --engine [--fp16]` on a Jetson or a GPU box)."""
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.markup import escape
 
 from edgeinspect.runtime.console import InspectError, console, warn
 from edgeinspect.runtime.files import replace_dir, staging_dir
-from edgeinspect.runtime.inference.bundle import Bundle, file_digests, load_bundle
+from edgeinspect.runtime.inference.bundle import MODEL_FIELDS, Bundle, file_digests, load_bundle
 
 from .precision import convert_fp16
 from .tensorrt_check import check_tensorrt
@@ -29,10 +31,13 @@ class EngineOptions:
     batch_sizes: tuple[int, int, int] | None = None
     workspace_mb: int = 2048
     timing_cache: Path | None = None  # None: this machine's cache folder, one file per GPU and TensorRT version
+    int8: bool = False  # add the INT8 model (and build the engine from it)
+    int8_images: tuple[Path, ...] = ()  # its calibration images; () the run's fit images
+    int8_labelled: tuple[tuple[Path, ...], tuple[int, ...]] | None = None  # labelled images for its guard
 
 
 def model_files(record: dict) -> list[str]:
-    files = [record["model_file"], record.get("fp16_model_file"), (record.get("engine") or {}).get("file")]
+    files = [*(record.get(field) for field in MODEL_FIELDS), (record.get("engine") or {}).get("file")]
     return [name for name in files if name]
 
 
@@ -64,18 +69,37 @@ def add_engine(bundle: Bundle, options: EngineOptions) -> None:
                       f"or OpenVINO; to build the engine, run inspect-export BUNDLE --engine"
                       f"{' --fp16' if options.fp16 else ''} on the device itself")
         return
-    if not bundle.record["tensorrt_check"]["ok"]:
-        raise InspectError("TensorRT compatibility check failed: " + bundle.record["tensorrt_check"]["problems"][0])
-    source = bundle.path / bundle.record["fp16_model_file"] if options.fp16 else bundle.model_file
+    check = bundle.record["int8"]["tensorrt_check"] if options.int8 else bundle.record["tensorrt_check"]
+    if not check["ok"]:
+        raise InspectError(f"TensorRT compatibility check failed{' on the INT8 model' if options.int8 else ''}: "
+                           + check["problems"][0])
+    source = (bundle.path / bundle.record["int8_model_file"] if options.int8 else
+              bundle.path / bundle.record["fp16_model_file"] if options.fp16 else bundle.model_file)
     record = build_engine(source, bundle.path / ENGINE_FILE, tuple(bundle.record["batch_profile"]), options.workspace_mb,
                           options.timing_cache)
-    bundle.record["engine"] = {**record, "precision": "fp16" if options.fp16 else "fp32"}
+    bundle.record["engine"] = {**record, "precision": "int8" if options.int8 else "fp16" if options.fp16 else "fp32"}
     console.print(f"TensorRT engine written ({record['gpu']}, TensorRT {record['tensorrt']}, "
                   f"{bundle.record['engine']['precision']}, from {source.name})")
 
 
+def add_int8(bundle: Bundle, options: EngineOptions, run_record: Path) -> None:
+    """The INT8 model, calibrated on --int8-images or the fit images recorded in the run's run.json."""
+    from .int8 import add_int8_model
+
+    images = list(options.int8_images)
+    if not images and run_record.is_file():
+        images = [Path(p) for p in json.loads(run_record.read_text())["data"]["fit"] if Path(p).is_file()]
+    if not images:
+        raise InspectError(f"--int8: no calibration images (the training run's fit images are not reachable from "
+                           f"{run_record}); give --int8-images DIR with good images")
+    labelled = None
+    if options.int8_labelled:
+        labelled = (list(options.int8_labelled[0]), np.array(options.int8_labelled[1]))
+    add_int8_model(bundle, images, labelled)
+
+
 def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
-    """Add an engine (and the fp16 model) to an existing bundle, on the device that will run it."""
+    """Add an engine, the fp16 model or the INT8 model to an existing bundle, on the device that will run it."""
     bundle = load_bundle(bundle_dir)
     if "precision" not in bundle.record:
         raise InspectError(f"{bundle_dir}: exported before fp16 and engine support; export it again from its run "
@@ -90,7 +114,10 @@ def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
             bundle.record["batch_profile"] = list(profile)
         if options.fp16 and not bundle.record.get("fp16_model_file"):
             add_fp16_model(staged)
-        add_engine(staged, options)
+        if options.int8:
+            add_int8(staged, options, bundle.path.parent / "run.json")
+        if options.fp16 or options.build_engine:
+            add_engine(staged, options)
         bundle.record["files"] = file_digests(staging, model_files(bundle.record))
         staged.save()
         replace_dir(staging, bundle.path)

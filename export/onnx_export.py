@@ -19,7 +19,7 @@ from edgeinspect.runtime.inference.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_R
 from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.train.run import load_run
 
-from .device_export import (DEFAULT_BATCH_SIZES, EngineOptions, add_engine, add_fp16_model, model_files,
+from .device_export import (DEFAULT_BATCH_SIZES, EngineOptions, add_engine, add_fp16_model, add_int8, model_files,
                             report_tensorrt_check)
 from .precision import fp32_nodes, onnx_scopes
 from .static_padding import with_static_padding
@@ -87,6 +87,8 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
         record["batch_profile"] = list(profile)
         if engine.fp16:
             add_fp16_model(bundle)
+        if engine.int8:
+            add_int8(bundle, engine, Path(run_dir) / "run.json")
         if engine.fp16 or engine.build_engine:
             add_engine(bundle, engine)
         record["files"] = file_digests(staging, model_files(record))

@@ -115,7 +115,7 @@ class _FailsLikeAGpuLibrary:
 
     name = "gpu-stand-in"
 
-    def __init__(self, bundle, threads=None):
+    def __init__(self, bundle, threads=None, precision="fp32"):
         raise RuntimeError("CUDA driver error 999")
 
 

@@ -108,13 +108,13 @@ while True:
 
 
 def pipeline(bundle_dir: Path, video: Path, frames: int, backend: str, threads: int | None, out: Path,
-             view: bool = False) -> dict:
+             view: bool = False, precision: str = "auto") -> dict:
     """inspect-run's loop on `frames` frames of the video played in a loop (mode every, NG overlays saved,
     the JSON log written), without console output. `view`: with the live page and its health alarms, as
     `inspect-run --view` has them, and one client polling the page as a browser does."""
 
     bundle = load_bundle(bundle_dir)
-    inspector = Inspector(bundle, backend, threads)
+    inspector = Inspector(bundle, backend, threads, precision)
     source = open_source(str(video), loop=True)
     stop = threading.Event()
     grabber = Grabber(source, "every", stop, label=str(video))
@@ -161,6 +161,8 @@ def bench(
     out: Path = typer.Option(None, "--out", help="Also write the results as JSON here."),
     view: bool = typer.Option(False, "--view", help="Serve the live page during the pipeline run, with one client "
                               "polling it as a browser does (compare with a run without, for the page's cost)."),
+    precision: str = typer.Option("auto", "--precision", help="Model of the whole-pipeline run: fp32 or int8 (auto: "
+                                  "what the thresholds were calibrated for)."),
 ):
     """Latency and throughput per backend on synthetic frames, and the whole pipeline on a video."""
     for value, option in ((frames, "--frames"), (runs, "--runs")):
@@ -178,14 +180,17 @@ def bench(
     images = rng.integers(0, 256, (batch, *bundle.input_size, 3), dtype=np.uint8)
     table = Table("backend", "ms/frame (batch 1)", f"frames/s (batch {batch})", title=f"{bundle_dir} on this machine")
     results, opened = {"backends": {}}, {}
-    for name in BACKENDS:
+    precisions = ["fp32"] + (["int8"] if bundle.record.get("int8_model_file") else [])
+    labels = [name if model == "fp32" else f"{name} int8" for model in precisions for name in BACKENDS]
+    for label in labels:  # every backend at every precision the bundle has, in turns
+        name, _, model = label.partition(" ")
         try:
-            opened[name] = open_backend(bundle, name, threads)
+            opened[label] = open_backend(bundle, name, threads, model or "fp32")
         except BackendUnavailable as reason:
-            results["backends"][name] = {"unavailable": str(reason)}
+            results["backends"][label] = {"unavailable": str(reason)}
     singles = interleaved_median_ms({name: functools.partial(backend, images[:1]) for name, backend in opened.items()},
                                     runs=max(1, runs // 5))
-    for name in BACKENDS:
+    for name in labels:
         if name in opened:
             batched = median_ms(functools.partial(opened[name], images), max(5, runs // 5))
             results["backends"][name] = {"ms_per_frame_batch1": round(singles[name], 2),
@@ -197,7 +202,7 @@ def bench(
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         clip = video or synthetic_video(work / "line.avi", min(frames, 100), (480, 640))
-        summary = pipeline(bundle_dir, clip, frames, backend, threads, work, view)
+        summary = pipeline(bundle_dir, clip, frames, backend, threads, work, view, precision)
     alone = results["backends"][summary["backend"]].get("ms_per_frame_batch1")
     if alone:  # the strictest view: what the pipeline adds to inference running alone, contention included
         summary["outside_inference_alone_share_p50"] = round(1 - alone / summary["frame_ms"]["p50"], 3)

@@ -71,7 +71,8 @@ LINE_SCHEMA = {
         },
         "capture": _section({"mode": {"enum": ["auto", "latest", "every"], "x-message": "auto, latest or every"},
                              "batch": _whole(1, 1024), "watch": _FLAG, "loop": _FLAG, "max_frames": _whole(0)}),
-        "inference": _section({"backend": _TEXT, "threads": _whole(1)}),
+        "inference": _section({"backend": _TEXT, "threads": _whole(1),
+                               "precision": {"enum": ["auto", "fp32", "int8"], "x-message": "auto, fp32 or int8"}}),
         "outputs": _section({"save": {"enum": ["ng", "all", "none"], "x-message": "ng, all or none"}}),
         "disk": _section({"log_rotate": {**_TEXT, "x-message": "a size such as 100MB, or daily"},
                           "log_gzip": _FLAG, "max_disk": {**_TEXT, "x-message": "a size such as 2GB"},
@@ -99,7 +100,7 @@ OPTION_KEYS = {
     "mqtt_username": ("mqtt", "username"), "mqtt_password": ("mqtt", "password"), "mqtt_ca": ("mqtt", "ca"),
     "mqtt_cert": ("mqtt", "cert"), "mqtt_key": ("mqtt", "key"), "mqtt_queue": ("mqtt", "queue"),
     "mqtt_heartbeat": ("mqtt", "heartbeat"), "backend": ("inference", "backend"), "threads": ("inference", "threads"),
-    "trust": ("trust",),
+    "trust": ("trust",), "precision": ("inference", "precision"),
 }
 PATH_OPTIONS = {"bundle_dir", "out", "collect_good", "mqtt_ca", "mqtt_cert", "mqtt_key", "view_token_file"}
 

@@ -120,6 +120,8 @@ def run(
     mqtt_heartbeat: float = typer.Option(10.0, "--mqtt-heartbeat", help="Seconds between heartbeats."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda, openvino or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
+    precision: str = typer.Option("auto", "--precision", help="fp32 or int8 (auto: what the thresholds were "
+                                  "calibrated for)."),
     trust: list[Path] = typer.Option(None, "--trust", help="Public key (PEM) whose signature the bundle must carry "
                                      "(repeat for several); an unsigned or otherwise signed bundle is refused."),
     config: Path = typer.Option(None, "--config", help="Line config file (TOML) holding these options, the "
@@ -148,7 +150,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                  log_rotate: str | None, log_gzip: bool, max_disk: str | None, keep_days: float | None,
                  mqtt: str | None, mqtt_username: str | None, mqtt_password: str | None, mqtt_ca: Path | None,
                  mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_queue: int, mqtt_heartbeat: float, backend: str,
-                 threads: int | None, trust: list[Path] | None = None, source_names: list[str] | None = None, limits: Limits = Limits()) -> None:
+                 threads: int | None, precision: str = "auto", trust: list[Path] | None = None, source_names: list[str] | None = None, limits: Limits = Limits()) -> None:
     """One line's run, from inspect-run's options (flags, a line config file, or both)."""
     save, mode = Save(save), Mode(mode)
     if bundle_dir is None:
@@ -185,9 +187,9 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(OutLock(out).release)
         run_id = new_run_id()
-        inspector = Inspector(bundle, backend, threads)
+        inspector = Inspector(bundle, backend, threads, precision)
         chosen = inspector.backend
-        console.print(escape(f"run {run_id}, backend {chosen.name}" + "".join(
+        console.print(escape(f"run {run_id}, backend {chosen.name} ({inspector.precision})" + "".join(
             f"; not {name}: {why}" for name, why in chosen.passed_over.items())))
         stop = threading.Event()
         condition = threading.Condition()

@@ -69,7 +69,12 @@ class OrtBackend:
     libraries_hint = ""  # what to install when that library cannot load
     prefers_fp16 = False
 
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    runs_int8 = True  # the QDQ model (ONNX Runtime's CUDA provider is passed over for it)
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, precision: str = "fp32"):
+        if precision == "int8" and not self.runs_int8:
+            raise BackendUnavailable("runs the fp16 and fp32 models, not the INT8 one (openvino, ort-cpu, "
+                                     "ort-tensorrt and tensorrt do)")
         try:
             import onnxruntime as ort
         except ImportError:
@@ -82,12 +87,12 @@ class OrtBackend:
             self.preload()
             _preload_gpu_libraries(ort, self.provider_library, self.libraries_hint)
         options = ort_session_options(ort, threads)
-        model_file = bundle.model_file
+        model_file = model_for(bundle, precision)
         if self.prefers_fp16 and bundle.record.get("fp16_model_file"):
             model_file = bundle.path / bundle.record["fp16_model_file"]
         try:
             self.session = ort.InferenceSession(str(model_file), options, enable_fallback=0,
-                                                providers=[(self.provider, self.provider_options(bundle))])
+                                                providers=[(self.provider, self.provider_options(bundle, precision))])
         except Exception as error:
             if self.provider_library:
                 raise BackendUnavailable(f"{self.provider} could not start on {model_file.name}: {error}") from None
@@ -101,7 +106,7 @@ class OrtBackend:
     def preload(self) -> None:
         """Libraries the provider needs that its own loading would not find."""
 
-    def provider_options(self, bundle: Bundle) -> dict:
+    def provider_options(self, bundle: Bundle, precision: str = "fp32") -> dict:
         return {}
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,12 +166,12 @@ class OrtCudaBackend(OrtBackend):
     """CUDA provider on the fp16 model, TF32 off so that the fp32 layers (distances, Min) stay fp32 (ONNX Runtime
     1.18 and newer; older ones have no switch)."""
 
-    name, provider, prefers_fp16 = "ort-cuda", "CUDAExecutionProvider", True
+    name, provider, prefers_fp16, runs_int8 = "ort-cuda", "CUDAExecutionProvider", True, False
     provider_library = "libonnxruntime_providers_cuda.so"
     libraries_hint = ("onnxruntime-gpu needs CUDA 13 and cuDNN 9: pip install 'edge-inspect[gpu]', which brings "
                       "onnxruntime-gpu[cuda,cudnn], or put them on LD_LIBRARY_PATH")
 
-    def provider_options(self, bundle: Bundle) -> dict:
+    def provider_options(self, bundle: Bundle, precision: str = "fp32") -> dict:
         import onnxruntime as ort
 
         options = {"device_id": "0"}
@@ -190,9 +195,9 @@ class OrtTensorRTBackend(OrtBackend):
     libraries_hint = ("ONNX Runtime's TensorRT provider needs TensorRT 10, not 11: pip install 'edge-inspect[gpu]', "
                       "which brings tensorrt-cu13 10.x, or JetPack's TensorRT 10")
 
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, precision: str = "fp32"):
         self.min_batch, _, self.max_batch = batch_profile(bundle)
-        super().__init__(bundle, threads)
+        super().__init__(bundle, threads, precision)
 
     @batches_within_profile
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,15 +208,20 @@ class OrtTensorRTBackend(OrtBackend):
         the provider library has no RUNPATH to them."""
         load_package_libraries("tensorrt_libs", ("libnvinfer.so.10", "libnvonnxparser.so.10"))
 
-    def provider_options(self, bundle: Bundle) -> dict:
+    def provider_options(self, bundle: Bundle, precision: str = "fp32") -> dict:
         cache = cache_dir("ort-tensorrt") / bundle.record["files"][bundle.record["model_file"]]["sha256"][:16]
+        if precision == "int8":  # its own engine cache: another model
+            cache = cache.with_name(bundle.record["files"][bundle.record["int8_model_file"]]["sha256"][:16])
         cache.mkdir(parents=True, exist_ok=True)  # the provider makes the last folder only, and fails without it
         cache = str(cache)
         height, width = bundle.input_size
         low, optimum, high = (f"{bundle.record['input']['name']}:{b}x{height}x{width}x3" for b in batch_profile(bundle))
-        return {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
-                "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
-                "trt_profile_min_shapes": low, "trt_profile_opt_shapes": optimum, "trt_profile_max_shapes": high}
+        options = {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+                   "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
+                   "trt_profile_min_shapes": low, "trt_profile_opt_shapes": optimum, "trt_profile_max_shapes": high}
+        if precision == "int8":  # the provider's network is weakly typed: its Q/DQ layers need the INT8 flag
+            options["trt_int8_enable"] = "True"  # (no calibration table: the scales are the QDQ model's own)
+        return options
 
 
 def batch_profile(bundle: Bundle) -> tuple[int, int, int]:
@@ -229,7 +239,7 @@ class OpenVinoBackend:
 
     name = "openvino"
 
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, precision: str = "fp32"):
         try:
             import openvino
         except ImportError:
@@ -238,11 +248,12 @@ class OpenVinoBackend:
         self.config = openvino_config(threads)
         self.output_names = bundle.record["outputs"]
         self.requests = {}
+        model_file = model_for(bundle, precision)
         try:  # compiled for batch 1 now, so that a graph OpenVINO cannot run falls back to ONNX Runtime
-            self.model = self.core.read_model(bundle.model_file)
+            self.model = self.core.read_model(model_file)
             self._request_for((1, *bundle.input_size, 3))
         except Exception as error:
-            raise BackendUnavailable(f"{bundle.model_file}: OpenVINO cannot compile it ({error})") from None
+            raise BackendUnavailable(f"{model_file}: OpenVINO cannot compile it ({error})") from None
 
     def _request_for(self, shape: tuple[int, ...]):
         if shape not in self.requests:
@@ -264,11 +275,15 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, precision: str = "fp32"):
         engine_record = bundle.record.get("engine")
         if not engine_record:
             raise BackendUnavailable("the bundle has no TensorRT engine (build one on this device: "
                                      f"inspect-export {bundle.path} --engine)")
+        built_from = (engine_record.get("onnx") or {}).get("file")
+        if (precision == "int8") != (built_from is not None and built_from == bundle.record.get("int8_model_file")):
+            raise BackendUnavailable(f"the engine was built from {built_from}, not for {precision} (rebuild it: "
+                                     f"inspect-export {bundle.path} --engine{' --int8' if precision == 'int8' else ''})")
         try:
             import tensorrt as trt
         except ImportError:
@@ -349,7 +364,19 @@ BACKENDS = {backend.name: backend for backend in
             (TensorRTBackend, OrtTensorRTBackend, OrtCudaBackend, OpenVinoBackend, OrtCpuBackend)}
 
 
-def open_backend(bundle: Bundle, name: str = "auto", threads: int | None = None):
+PRECISIONS = ("fp32", "int8")
+
+
+def model_for(bundle: Bundle, precision: str) -> Path:
+    """The ONNX model a CPU or ONNX Runtime backend runs for `precision` (fp32: model.onnx; int8: the QDQ model)."""
+    if precision == "int8":
+        if not bundle.record.get("int8_model_file"):
+            raise InspectError(f"{bundle.path}: no INT8 model (add one: inspect-export {bundle.path} --int8)")
+        return bundle.path / bundle.record["int8_model_file"]
+    return bundle.model_file
+
+
+def open_backend(bundle: Bundle, name: str = "auto", threads: int | None = None, precision: str = "fp32"):
     """The named backend, or with "auto" the first that opens; `.passed_over` maps the better ones to why not.
     Under "auto" any failure to open a backend (a library, a driver, a CUDA error) passes it over with the
     real reason; a backend asked for by name reports its failure as the error."""
@@ -357,7 +384,7 @@ def open_backend(bundle: Bundle, name: str = "auto", threads: int | None = None)
         if name not in BACKENDS:
             raise InspectError(f"--backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
         try:
-            backend = BACKENDS[name](bundle, threads)
+            backend = BACKENDS[name](bundle, threads, precision)
         except InspectError:
             raise
         except Exception as error:
@@ -367,7 +394,7 @@ def open_backend(bundle: Bundle, name: str = "auto", threads: int | None = None)
     passed_over = {}
     for candidate in BACKENDS.values():
         try:
-            backend = candidate(bundle, threads)
+            backend = candidate(bundle, threads, precision)
         except BackendUnavailable as reason:
             passed_over[candidate.name] = str(reason)
             continue

@@ -18,6 +18,7 @@ BUNDLE_FORMAT_VERSION = 1
 BUNDLE_RECORD = "bundle.json"
 MAX_INPUT_SIDE = 4096  # pixels per side of the model input: what inspect-train accepts
 OUTPUT_NAMES = ["anomaly_map", "score"]
+MODEL_FIELDS = ("model_file", "fp16_model_file", "int8_model_file")  # the ONNX models a bundle may hold
 
 # "x-message" (an annotation, ignored by the validator) says in words what a field must be; the error for a
 # field names the field and quotes that text, e.g. "input.size must be [height, width] of whole numbers ≥ 1".
@@ -74,6 +75,8 @@ BUNDLE_SCHEMA = {
             "properties": {"image": _LEVEL_THRESHOLD, "pixel": _LEVEL_THRESHOLD},
         },
         "fp16_model_file": {"anyOf": [{"type": "null"}, _FILE_NAME],
+                            "x-message": "null or a file name inside the bundle folder"},
+        "int8_model_file": {"anyOf": [{"type": "null"}, _FILE_NAME],
                             "x-message": "null or a file name inside the bundle folder"},
         "engine": {
             "type": ["object", "null"], "required": ["file", "batch_sizes"],
@@ -159,7 +162,8 @@ def validate_record(record, record_path: Path) -> None:
 
 def _check_files_listed(record: dict, record_path: Path) -> None:
     """The ONNX models the record names are listed in "files", so that load_bundle verifies them."""
-    for field, name in (("model_file", record["model_file"]), ("fp16_model_file", record.get("fp16_model_file"))):
+    for field in MODEL_FIELDS:
+        name = record.get(field)
         if name and name not in record["files"]:
             raise InspectError(f"{record_path}: {field} {name!r} is not listed in files (its sha256 and size); "
                                "re-export the bundle")
@@ -191,7 +195,7 @@ def load_bundle(path: Path, verify: bool = True, trust: list[Path] | None = None
             if sha256_file(file) != expected["sha256"]:
                 raise InspectError(f"{file}: sha256 does not match bundle.json (corrupt or modified); "
                                    "copy the bundle again or re-export it")
-        for name in filter(None, (record["model_file"], record.get("fp16_model_file"))):
+        for name in filter(None, (record.get(field) for field in MODEL_FIELDS)):
             check_graph(path / name, record["input"]["name"], tuple(record["input"]["size"]))
     if trust:
         check_trusted(record, record_path, trust)  # after the digests: the signature covers the files through them

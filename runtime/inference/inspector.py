@@ -9,7 +9,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from edgeinspect.runtime.console import InspectError, warn
-from edgeinspect.runtime.inference.backends import open_backend
+from edgeinspect.runtime.inference.backends import PRECISIONS, open_backend
 from edgeinspect.runtime.inference.bundle import Bundle
 from edgeinspect.runtime.inference.images import decodable, resize
 from edgeinspect.runtime.inference.regions import Region, find_regions
@@ -23,8 +23,28 @@ class Inspection:
     regions: list[Region] = field(default_factory=list)
 
 
+def choose_precision(bundle: Bundle, asked: str = "auto", calibrating: bool = False) -> str:
+    """fp32 or int8. `auto`: what the thresholds were calibrated for, else (not calibrated yet, or calibrating)
+    int8 where the bundle has an INT8 model. Scores of the two differ, so a precision other than the thresholds'
+    is refused, never run against them."""
+    if asked not in ("auto", *PRECISIONS):
+        raise InspectError(f"--precision {asked!r} is not one of auto, {', '.join(PRECISIONS)}")
+    has_int8 = bool(bundle.record.get("int8_model_file"))
+    calibrated = (bundle.thresholds or {}).get("precision", "fp32") if bundle.thresholds else None
+    if asked == "auto":
+        return calibrated if calibrated and not calibrating else "int8" if has_int8 else "fp32"
+    if asked == "int8" and not has_int8:
+        raise InspectError(f"--precision int8: {bundle.path} has no INT8 model (inspect-export {bundle.path} --int8)")
+    if calibrated and calibrated != asked and not calibrating:
+        raise InspectError(f"--precision {asked}: {bundle.path}'s thresholds were calibrated for {calibrated}, and the "
+                           f"scores of the two differ; calibrate for {asked} first (inspect-calibrate {bundle.path} "
+                           f"--precision {asked}) or run {calibrated}")
+    return asked
+
+
 class Inspector:
-    def __init__(self, bundle: Bundle, backend="auto", threads: int | None = None):
+    def __init__(self, bundle: Bundle, backend="auto", threads: int | None = None, precision: str = "auto",
+                 calibrating: bool = False):
         """backend: a backend name (see open_backend), or any callable with a backend's contract, such as
         the PyTorch model a benchmark compares against.
 
@@ -33,7 +53,8 @@ class Inspector:
         threadpool_limits(1, user_api="blas")
         self.bundle = bundle
         self.size = bundle.input_size
-        self.backend = open_backend(bundle, backend, threads) if isinstance(backend, str) else backend
+        self.precision = choose_precision(bundle, precision, calibrating)
+        self.backend = open_backend(bundle, backend, threads, self.precision) if isinstance(backend, str) else backend
         thresholds = bundle.thresholds or {}
         self.image_threshold = thresholds.get("image", {}).get("threshold")
         self.pixel_threshold = thresholds.get("pixel", {}).get("threshold")
