@@ -13,12 +13,14 @@ from edgeinspect.runtime.inference.signing import load_key, sign
 from edgeinspect.runtime.inference.images import list_images
 
 from .evaluate import METRIC_COLUMNS, evaluate, metrics_rows, predict
+from .teach import rollback, teach
 from .thresholds import calibrate, check_options
 
 TRUST = typer.Option(None, "--trust", help="Public key (PEM) whose signature the bundle must carry (repeat for "
                      "several); an unsigned or otherwise signed bundle is refused.")
 calibrate_app = command_app()
 eval_app = command_app()
+teach_app = command_app()
 
 
 @calibrate_app.command()
@@ -113,9 +115,51 @@ def eval_command(
         console.print(f"report written to {write_report(report, bundle, dataset, predictions, result)}")
 
 
+@teach_app.command()
+@one_line_errors
+def teach_command(
+    bundle_dir: Path = typer.Argument(..., help="PatchCore bundle folder (calibrated)."),
+    good: Path = typer.Option(None, "--good", help="Folder of frames the bundle flags that are good parts (false "
+                              "alarms): their new patches join the memory bank, every 4th frame recalibrates."),
+    defects: Path = typer.Option(None, "--defects", help="Folder of confirmed defects: teaching is refused when one "
+                                 "that the current version catches would pass."),
+    by: str = typer.Option(None, "--by", help="Who taught it, for the version record (default: the user name)."),
+    rollback_: bool = typer.Option(False, "--rollback", help="Put the previous version back (kept in "
+                                   "BUNDLE.versions/); the current one is kept as vN-rolled-back."),
+    trust: list[Path] = TRUST,
+    sign_key: Path = typer.Option(None, "--sign", help="Ed25519 private key (PEM) to sign the new version with."),
+):
+    """Teach a PatchCore bundle good parts it flags, on the box without retraining: a new version, the previous
+    one kept."""
+    if rollback_:
+        if good is not None or defects is not None:
+            raise InspectError("--rollback takes no --good or --defects")
+        bundle = rollback(bundle_dir)
+        console.print(f"{bundle.path} is version {(bundle.record.get('version') or {}).get('number', 1)} again "
+                      f"(model {bundle.record['files'][bundle.record['model_file']]['sha256'][:16]})")
+        return
+    if good is None:
+        raise InspectError("--good: give the folder of good frames to teach (or --rollback)")
+    if sign_key is not None:
+        load_key(sign_key, "private", "--sign")
+    bundle = teach(bundle_dir, list_images(good), list_images(defects) if defects is not None else [], by, trust)
+    if sign_key is not None:
+        bundle.record["signature"] = sign(bundle.record, sign_key)
+        bundle.save()
+        console.print(f"signed with key {bundle.record['signature']['key']}")
+    version = bundle.record["version"]
+    console.print(f"{bundle.path} is now version {version['number']}: {version['taught']['entries_added']} bank entries "
+                  f"added, image threshold {bundle.thresholds['image']['threshold']:.4g}; the previous version is in "
+                  f"{bundle.path.parent / (bundle.path.name + '.versions')} (inspect-teach {bundle.path} --rollback)")
+
+
 def calibrate_main():
     calibrate_app()
 
 
 def eval_main():
     eval_app()
+
+
+def teach_main():
+    teach_app()
