@@ -97,7 +97,8 @@ class LatencyStats:
 class FrameLoop:
     """Resize → one inference call for the frames taken (of every source) → one record per frame, in order,
     handed to the sinks. `seq` numbers the records of the run (skipped frames too), so a consumer can tell
-    a gap from a duplicate."""
+    a gap from a duplicate. `inspector` may be replaced from another thread (a new bundle version): each batch
+    is scored by the one it started with."""
 
     def __init__(self, inspector: Inspector, sinks: Sinks, stats: LatencyStats, run_id: str):
         self.inspector, self.sinks, self.stats, self.run_id = inspector, sinks, stats, run_id
@@ -133,7 +134,8 @@ class FrameLoop:
             clock = time.perf_counter()
             inspection = inspector.judge(float(score), anomaly_map)
             record.update(score=round(inspection.score, 5), threshold=inspector.image_threshold,
-                          verdict=inspection.verdict, regions=[r.to_dict() for r in inspection.regions])
+                          verdict=inspection.verdict, regions=[r.to_dict() for r in inspection.regions],
+                          version=inspector.version)
             stages = {"capture": frame.capture_ms, "preprocess": preprocess_ms, "inference": inference_ms,
                       "postprocess": (time.perf_counter() - clock) * 1000}
             record["latency_ms"] = {stage: round(value, 2) for stage, value in stages.items()}

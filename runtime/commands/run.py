@@ -4,6 +4,7 @@ import contextlib
 import json
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -21,6 +22,7 @@ from edgeinspect.runtime.console import (InspectError, RateLimitedWarning, comma
 from edgeinspect.runtime.files import atomic_write_json, writable_dir
 from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads, inspect_until_done
 from edgeinspect.runtime.inference.bundle import load_bundle
+from edgeinspect.runtime.inference.hot_swap import HotSwap
 from edgeinspect.runtime.inference.inspector import Inspector
 from edgeinspect.runtime.outputs.collect import CollectSink
 from edgeinspect.runtime.outputs.console_sink import ConsoleSink
@@ -48,14 +50,15 @@ class Mode(str, Enum):
 
 
 @contextmanager
-def stop_on_signals(stop: threading.Event):
-    """SIGINT, SIGTERM and SIGHUP end the run cleanly, and a second one while it stops changes nothing: the
-    outputs still close within their deadlines and the summary is written."""
+def stop_on_signals(stop: threading.Event, reload: Callable[[], None]):
+    """SIGINT and SIGTERM end the run cleanly, and a second one while it stops changes nothing: the outputs still
+    close within their deadlines and the summary is written. SIGHUP loads the bundle again (`reload`), as
+    systemd's reload does."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM,
-                                                                         signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload())
     try:
         yield
     finally:
@@ -236,17 +239,21 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             every_s = collect_every if collect_every is not None else (1.0 if mode == Mode.latest else 0.0)
             outputs.sinks.append(CollectSink(collect_good, collect, every_s, run_id, bundle_dir))
         frame_loop = FrameLoop(inspector, outputs, stats, run_id)
+        hot_swap = HotSwap(frame_loop, bundle_dir, lambda new: Inspector(new, backend, threads, precision),
+                           health.bundle_problem, trust)
         count = max(batch, len(opened)) if mode == Mode.every else len(opened)
         service = ServiceNotifier()
         cleanup.callback(service.close)
-        with stop_on_signals(stop):
+        with stop_on_signals(stop, hot_swap.request):
             try:
+                hot_swap.start()
                 grabbers.start()
                 service.ready(f"run {run_id}, backend {chosen.name}, {len(opened)} source(s)")
                 inspect_until_done(grabbers, frame_loop, stop, count, max_frames, service.alive)
             finally:
                 service.stopping()
                 stop.set()
+                hot_swap.stop()
                 grabbers.join(timeout=5)
                 outputs.close()
                 result = {**summary(), "sink_failures": outputs.failures, "deleted_files": budget.deleted}

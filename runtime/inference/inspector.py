@@ -53,6 +53,7 @@ class Inspector:
         threadpool_limits(1, user_api="blas")
         self.bundle = bundle
         self.size = bundle.input_size
+        self.version = (bundle.record.get("version") or {}).get("number", 1)  # inspect-teach's versions
         self.precision = choose_precision(bundle, precision, calibrating)
         self.backend = open_backend(bundle, backend, threads, self.precision) if isinstance(backend, str) else backend
         thresholds = bundle.thresholds or {}

@@ -230,6 +230,12 @@ class Health:
         elif "disk" in self.active and usage.free >= 2 * low:
             self._clear("disk")
 
+    def bundle_problem(self, message: str | None) -> None:
+        """A new bundle version refused (`message`: why), or taken (None: the alarm clears)."""
+        self._clear("bundle")  # each refusal is told, with its own reason
+        if message is not None:
+            self._raise("bundle", "bundle", None, message)
+
     # -- raising and clearing --------------------------------------------------------------------------------
 
     def _id(self, kind: str, label: str) -> str:
