@@ -44,7 +44,12 @@ def export_with_int8(kind: str, data: str, run_dir: Path, options: list[str]) ->
         timed(["inspect-train", kind, "--data", data, "--out", run_dir, "--overwrite", *options])
     export_s = timed(["inspect-export", run_dir, "--int8"])
     record = load_bundle(run_dir / "bundle").record
-    return {"export_s": round(export_s, 1), "input": record["input"]["size"], "int8": record["int8"]}
+    result = {"export_s": round(export_s, 1), "input": record["input"]["size"], "int8": record["int8"]}
+    if not record.get("int8_model_file"):  # the guard refused every try: what the last one measured
+        last = record["int8"]["attempts"][-1]
+        result["error"] = (f"refused: map correlation {last['map_correlation']:.3f}, score noise "
+                           f"{last['score_noise']}σ with {last['float_stages']} stage(s) in float")
+    return result
 
 
 def side_by_side(bundle_dir: Path, data: str, threads: int) -> dict:
@@ -158,9 +163,9 @@ def main():
                 record = {"data": name, "model": kind, "setting": setting, "options": options}
                 try:
                     record |= export_with_int8(kind, data, run_dir, options)
-                except subprocess.CalledProcessError:  # the export refused: no INT8 model held the guard
-                    record["error"] = "no INT8 model held the guard (the export's output says why)"
-                else:
+                except subprocess.CalledProcessError:
+                    record["error"] = "the export failed (its output says why)"
+                if "error" not in record:
                     record |= side_by_side(run_dir / "bundle", data, args.threads)
                     if args.profile and kind == "patchcore":
                         stored["profiles"][f"{name} {'×'.join(map(str, record['input']))}"] = openvino_profile(

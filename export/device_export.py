@@ -69,22 +69,25 @@ def add_engine(bundle: Bundle, options: EngineOptions) -> None:
                       f"or OpenVINO; to build the engine, run inspect-export BUNDLE --engine"
                       f"{' --fp16' if options.fp16 else ''} on the device itself")
         return
-    check = bundle.record["int8"]["tensorrt_check"] if options.int8 else bundle.record["tensorrt_check"]
+    int8 = bool(options.int8 and bundle.record.get("int8_model_file"))  # not when the guard refused it
+    check = bundle.record["int8"]["tensorrt_check"] if int8 else bundle.record["tensorrt_check"]
     if not check["ok"]:
-        raise InspectError(f"TensorRT compatibility check failed{' on the INT8 model' if options.int8 else ''}: "
+        raise InspectError(f"TensorRT compatibility check failed{' on the INT8 model' if int8 else ''}: "
                            + check["problems"][0])
-    source = (bundle.path / bundle.record["int8_model_file"] if options.int8 else
+    source = (bundle.path / bundle.record["int8_model_file"] if int8 else
               bundle.path / bundle.record["fp16_model_file"] if options.fp16 else bundle.model_file)
     record = build_engine(source, bundle.path / ENGINE_FILE, tuple(bundle.record["batch_profile"]), options.workspace_mb,
                           options.timing_cache)
-    bundle.record["engine"] = {**record, "precision": "int8" if options.int8 else "fp16" if options.fp16 else "fp32"}
+    bundle.record["engine"] = {**record, "precision": "int8" if int8 else "fp16" if options.fp16 else "fp32"}
     console.print(f"TensorRT engine written ({record['gpu']}, TensorRT {record['tensorrt']}, "
                   f"{bundle.record['engine']['precision']}, from {source.name})")
 
 
-def add_int8(bundle: Bundle, options: EngineOptions, run_record: Path) -> None:
-    """The INT8 model, calibrated on --int8-images or the fit images recorded in the run's run.json."""
-    from .int8 import add_int8_model
+def add_int8(bundle: Bundle, options: EngineOptions, run_record: Path, refusal_is_error: bool = True) -> None:
+    """The INT8 model, calibrated on --int8-images or the fit images recorded in the run's run.json. A guard's
+    refusal is an error on a bundle (nothing changes) and, on a fresh export (`refusal_is_error` False), a
+    warning: the fp32 bundle is written, its record keeps the refused tries."""
+    from .int8 import Int8Refused, add_int8_model
 
     images = list(options.int8_images)
     if not images and run_record.is_file():
@@ -95,7 +98,13 @@ def add_int8(bundle: Bundle, options: EngineOptions, run_record: Path) -> None:
     labelled = None
     if options.int8_labelled:
         labelled = (list(options.int8_labelled[0]), np.array(options.int8_labelled[1]))
-    add_int8_model(bundle, images, labelled)
+    try:
+        add_int8_model(bundle, images, labelled)
+    except Int8Refused as refusal:
+        if refusal_is_error:
+            raise
+        bundle.record["int8"] = {"refused": str(refusal), "attempts": refusal.attempts}
+        warn(f"{refusal}; the fp32 bundle is written without it")
 
 
 def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:

@@ -44,6 +44,14 @@ FLOAT_TYPES = ("MatMul", "Gemm", "ReduceMin", "ReduceMax", "Add", "Mul", "Sub", 
                "AveragePool", "Softmax", "Pow", "ReduceSum", "ReduceMean", "Clip", "Max", "Min")
 
 
+class Int8Refused(InspectError):
+    """No INT8 model held the guard; `attempts` holds what each try measured."""
+
+    def __init__(self, message: str, attempts: list[dict]):
+        super().__init__(message)
+        self.attempts = attempts
+
+
 @dataclass
 class Guard:
     map_correlation: float
@@ -74,15 +82,19 @@ class Guard:
 
 
 def backbone_stages(model: onnx.ModelProto) -> list[list[str]]:
-    """The Conv nodes in graph order, grouped by the backbone stage they belong to (stem first): what the guard's
-    fallback keeps in float, one stage more each time."""
+    """The convolutions in graph order, grouped by the backbone stage they belong to (timm's blocks.N, the stem
+    with the first): what the guard's fallback keeps in float, one stage more each time. A graph without such
+    stages (the pixel autoencoder) has one convolution per stage, from both ends inwards: the layers next to
+    the image and to the output first."""
     stages: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            parts = node.name.split("/")
-            stage = next((p for p in parts if p.startswith("blocks.")), None) or "stem"
-            stages.setdefault("blocks.0" if stage == "stem" else stage, []).append(node.name)
-    return list(stages.values())
+    convs = [node.name for node in model.graph.node if node.op_type in ("Conv", "ConvTranspose")]
+    for name in convs:
+        stage = next((part for part in name.split("/") if part.startswith("blocks.")), "blocks.0")
+        stages.setdefault(stage, []).append(name)
+    if len(stages) > 1:
+        return list(stages.values())
+    ends_inwards = [convs[i // 2] if i % 2 == 0 else convs[-1 - i // 2] for i in range(len(convs))]
+    return [[name] for name in ends_inwards]
 
 
 def quantize(model: onnx.ModelProto, images: np.ndarray, float_convs: list[str]) -> onnx.ModelProto:
@@ -194,8 +206,8 @@ def add_int8_model(bundle: Bundle, calibration: list[Path], labelled: tuple[list
                 warn(f"INT8 with {kept} backbone stage(s) in float: {result}; keeping one more stage in float")
         else:
             (bundle.path / INT8_MODEL_FILE).unlink()
-            raise InspectError(f"no INT8 model holds the accuracy bound, even with only the last backbone stage in INT8 "
-                               f"({result}); the bundle has none")
+            raise Int8Refused(f"no INT8 model holds the accuracy bound, even with only the last backbone stage in "
+                              f"INT8 ({result}); the bundle has none", attempts)
 
     quantized = sum(1 for stage in stages for _ in stage) - len(float_convs)
     tensorrt = check_tensorrt(bundle.path / INT8_MODEL_FILE, bundle.record["batch_profile"][-1])

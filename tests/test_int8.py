@@ -134,6 +134,31 @@ def test_a_model_that_misses_the_bound_keeps_stages_in_float_then_is_refused(pat
     assert not (run_dir / "bundle" / int8.INT8_MODEL_FILE).exists()
 
 
+def test_a_fresh_export_whose_int8_model_is_refused_still_writes_the_fp32_bundle(patchcore_bundle, tmp_path,
+                                                                                  monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(patchcore_bundle.parent, run_dir)
+    shutil.rmtree(run_dir / "bundle")
+    monkeypatch.setattr(int8, "MIN_MAP_CORRELATION", 1.01)
+    result = invoke(export_app, run_dir, "--int8")
+    assert result.exit_code == 0, result.output
+    assert "no INT8 model holds the accuracy bound" in result.output and "the fp32 bundle is written without it" \
+        in result.output
+    record = load_bundle(run_dir / "bundle").record
+    assert not record.get("int8_model_file") and record["int8"]["attempts"]
+    assert Inspector(load_bundle(run_dir / "bundle")).precision == "fp32"
+
+
+def test_the_autoencoders_fallback_keeps_single_layers_in_float_from_both_ends():
+    """The pixel autoencoder has no backbone stages: one convolution per try, the first and the last first."""
+    nodes = [onnx.helper.make_node(kind, ["x"], ["y"], name=name) for kind, name in
+             [("Conv", "/encoder/0/Conv"), ("Conv", "/encoder/3/Conv"), ("ConvTranspose", "/decoder/0/ConvTranspose"),
+              ("ConvTranspose", "/decoder/3/ConvTranspose")]]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "autoencoder", [], []))
+    assert int8.backbone_stages(model) == [["/encoder/0/Conv"], ["/decoder/3/ConvTranspose"], ["/encoder/3/Conv"],
+                                           ["/decoder/0/ConvTranspose"]]
+
+
 def test_precision_follows_the_thresholds_and_a_mismatch_is_refused(int8_bundle, mvtec_like, tmp_path):
     """The copy was calibrated for fp32 before the INT8 model came: auto keeps fp32 and int8 is refused until the
     bundle is calibrated for it; then auto runs int8 and fp32 is refused, in inspect-eval as in the Inspector."""
