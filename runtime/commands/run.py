@@ -23,10 +23,12 @@ from edgeinspect.runtime.files import atomic_write_json, writable_dir
 from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads, inspect_until_done
 from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.inference.hot_swap import HotSwap
+from edgeinspect.runtime.inference.images import list_images
 from edgeinspect.runtime.inference.inspector import Inspector
 from edgeinspect.runtime.outputs.collect import CollectSink
 from edgeinspect.runtime.outputs.console_sink import ConsoleSink
 from edgeinspect.runtime.outputs.health import Health, HealthSink, Limits, console_listener, log_listener
+from edgeinspect.runtime.outputs.labels import LabelStore, TeachJob
 from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink, about_run
 from edgeinspect.runtime.outputs.out_folder import OutLock, new_run_id, parse_bytes, positive_finite
 from edgeinspect.runtime.outputs.overlays import DiskBudget, OverlayStore
@@ -220,14 +222,17 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         health = Health(bundle.thresholds, bundle_dir, out, grabbers.grabbers, mode.value,
                         [shown_url(text) for text in sources], limits)
         health.listeners += [console_listener, log_listener(log, run_id)]  # and MQTT's PREFIX/alarms below
+        about = about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)
         if view is not None:
             token_file = view_token_file or (None if is_loopback(view_host) else out / TOKEN_FILE)
             token = load_or_create_token(token_file) if token_file else None
-            live_view = LiveView(view_host, view, view_clients, token=token)
+            labels = LabelStore(out)
+            live_view = LiveView(view_host, view, view_clients, token=token, labels=labels,
+                                 teaching=TeachJob(teacher(bundle_dir, trust), labels))
             console.print(f"live view on {live_view.url}" + (f" (sign in with the token in {token_file})"
                                                              if token else ""))
             outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
-                                              about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)))
+                                              about))
         if mqtt:
             publisher = MqttSink(target, out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
                                  mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key)
@@ -241,6 +246,9 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         frame_loop = FrameLoop(inspector, outputs, stats, run_id)
         hot_swap = HotSwap(frame_loop, bundle_dir, lambda new: Inspector(new, backend, threads, precision),
                            health.bundle_problem, trust)
+        hot_swap.taken += [lambda new: health.use_thresholds(new.bundle.thresholds),
+                           lambda new: about.update(about_run(bundle_dir, new.bundle, new.backend.name, run_id,
+                                                              mode.value))]
         count = max(batch, len(opened)) if mode == Mode.every else len(opened)
         service = ServiceNotifier()
         cleanup.callback(service.close)
@@ -262,6 +270,16 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
     if grabbers.error is not None and not isinstance(grabbers.error, KeyboardInterrupt):
         raise grabbers.error
     report(result, out, labels)
+
+
+def teacher(bundle_dir: Path, trust: list[Path] | None) -> Callable[[Path, Path | None], int]:
+    """Teaching as the page starts it: the frames marked good, those marked defects as its guard."""
+    def teach_labelled(good: Path, defects: Path | None) -> int:
+        from edgeinspect.calibration.teach import teach
+
+        taught = teach(bundle_dir, list_images(good), list_images(defects) if defects else [], "operator page", trust)
+        return taught.record["version"]["number"]
+    return teach_labelled
 
 
 def log_rotation(log_rotate: str | None, max_bytes: int | None) -> tuple[int | None, bool]:

@@ -42,6 +42,7 @@ class HotSwap:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.swaps = 0
+        self.taken: list[Callable[[Inspector], None]] = []  # told of each version taken in
 
     def request(self) -> None:
         """Load the bundle again now (SIGHUP), changed or not."""
@@ -81,6 +82,8 @@ class HotSwap:
         self.target.inspector = inspector
         self.swaps += 1
         self.alarm(None)
+        for listener in self.taken:
+            listener(inspector)
         console.print(f"bundle version {inspector.version} in use from the next frames (was {running.version}); "
                       f"backend {inspector.backend.name} ({inspector.precision})")
         return True

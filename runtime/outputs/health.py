@@ -79,11 +79,7 @@ class Health:
         self.history: deque[dict] = deque(maxlen=100)  # every alarm of the run, raised and cleared
         self.listeners: list[Callable[[dict], None]] = []
         self.warn = RateLimitedWarning()
-        image = (thresholds or {}).get("image") or {}
-        self.expected = image.get("fraction_above")
-        self.calibration_n = image.get("n")
-        self.ng_limit = (None if self.expected is None else
-                         min(max(limits.ng_rate_floor, limits.ng_rate_factor * self.expected), limits.ng_rate_cap))
+        self.use_thresholds(thresholds)
         started = time.monotonic()
         self.windows = {label: deque(maxlen=limits.window) for label in labels}
         self.ng_in_window = dict.fromkeys(labels, 0)
@@ -229,6 +225,14 @@ class Health:
                         f"run stops. Free space, or bound the run folder with --max-disk and --keep-days")
         elif "disk" in self.active and usage.free >= 2 * low:
             self._clear("disk")
+
+    def use_thresholds(self, thresholds: dict | None) -> None:
+        """The NG rate the calibration expects, and the NG-rate alarm's limit from it (again for a new version)."""
+        image = (thresholds or {}).get("image") or {}
+        self.thresholds, self.expected, self.calibration_n = thresholds, image.get("fraction_above"), image.get("n")
+        limits = self.limits
+        self.ng_limit = (None if self.expected is None else
+                         min(max(limits.ng_rate_floor, limits.ng_rate_factor * self.expected), limits.ng_rate_cap))
 
     def bundle_problem(self, message: str | None) -> None:
         """A new bundle version refused (`message`: why), or taken (None: the alarm clears)."""

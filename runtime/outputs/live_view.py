@@ -36,6 +36,7 @@ import numpy as np
 
 from edgeinspect.runtime.console import InspectError, RateLimitedWarning
 from edgeinspect.runtime.inference.regions import heat_overlay
+from edgeinspect.runtime.outputs.labels import LABELS, LabelStore, TeachJob, json_body
 from edgeinspect.runtime.outputs.run_log import json_line
 from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 from edgeinspect.runtime.outputs.view_access import COOKIE, SESSION_S, ViewAccess
@@ -166,13 +167,16 @@ class LiveView:
     NG_SHOWN, NG_KEPT = 8, 16  # the page lists 8; twice that are kept so a listed one is still there when asked
 
     def __init__(self, host: str, port: int, max_clients: int = 8, timeout_s: float = 10.0,
-                 token: str | None = None):
+                 token: str | None = None, labels: LabelStore | None = None, teaching: TeachJob | None = None):
+        """`labels` and `teaching`: the operator may label NG frames and start teaching from the page."""
         self.access = ViewAccess(token)
+        self.labels, self.teaching = labels, teaching
         self.condition = threading.Condition()
         self.version = 0
         self.latest: tuple[int, FrameImage] | None = None
         self.frames: dict[int, tuple[int, FrameImage]] = {}
-        self.ng: deque[tuple[dict, FrameImage]] = deque(maxlen=self.NG_KEPT)
+        # the NG strip: description, image, and the frame as received (for labelling; NG_KEPT frames at most)
+        self.ng: deque[tuple[dict, FrameImage, np.ndarray | None]] = deque(maxlen=self.NG_KEPT)
         self.snapshot = lambda: {"frames": 0}
         self.stats_lock = threading.Lock()
         self.stats_cache: tuple[float, bytes] = (-math.inf, b"")
@@ -213,16 +217,42 @@ class LiveView:
                     self.send_error(404)
 
             def do_POST(self):
-                """POST /login with the form's token: a session cookie and back to the page."""
+                """POST /login with the form's token; /label and /teach (signed in, JSON) from the NG strip."""
                 path = urlsplit(self.path).path
-                if path != "/login" or not view.access.host_allowed(self.headers.get("Host")):
-                    self.send_error(404 if path != "/login" else 403)
-                    return
+                if path == "/login":
+                    self._sign_in()
+                elif path in ("/label", "/teach") and view.labels is not None:
+                    if not self._admitted(path):
+                        return
+                    if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+                        self.send_error(415, "send application/json")  # which a form of another site cannot
+                        return
+                    raw = self._body()
+                    body = None if raw is None else json_body(raw)
+                    if raw is not None and body is None:
+                        self.send_error(400, "a JSON object, please")
+                    elif body is not None:
+                        status, answer = view.label(body) if path == "/label" else view.start_teaching()
+                        self._send(json.dumps(answer).encode(), "application/json", status=status)
+                else:
+                    self.send_error(404)
+
+            def _body(self) -> bytes | None:
                 length = self.headers.get("Content-Length") or ""
                 if not (length.isascii() and length.isdigit() and int(length) <= 4096):
                     self.send_error(413 if length.isdigit() else 411)
+                    return None
+                return self.rfile.read(int(length))
+
+            def _sign_in(self):
+                """The form's token: a session cookie and back to the page."""
+                if not view.access.host_allowed(self.headers.get("Host")):
+                    self.send_error(403)
                     return
-                form = parse_qs(self.rfile.read(int(length)).decode("utf-8", "replace"))
+                raw = self._body()
+                if raw is None:
+                    return
+                form = parse_qs(raw.decode("utf-8", "replace"))
                 outcome = view.access.sign_in(form.get("token", [""])[0], self.client_address[0])
                 if outcome == "ok":
                     self.send_response(303)
@@ -298,14 +328,37 @@ class LiveView:
             self.condition.notify_all()
             return self.version
 
-    def add_ng(self, meta: dict, image: FrameImage) -> None:
+    def add_ng(self, meta: dict, image: FrameImage, rgb: np.ndarray | None = None) -> None:
         with self.condition:
-            self.ng.append((meta, image))
+            self.ng.append((meta, image, rgb if self.labels is not None else None))
 
     def ng_frames(self) -> list[dict]:
         """The last NG_SHOWN NG frames' descriptions, newest first."""
         with self.condition:
-            return [meta for meta, _ in reversed(self.ng)][:self.NG_SHOWN]
+            return [dict(meta) for meta, _, _ in reversed(self.ng)][:self.NG_SHOWN]
+
+    def label(self, body: dict) -> tuple[int, dict]:
+        """POST /label {"id", "label"}: the NG frame saved under its label."""
+        label, frame_id = body.get("label"), body.get("id")
+        if label not in LABELS:
+            return 400, {"error": f"label must be one of {', '.join(LABELS)}"}
+        with self.condition:
+            kept = next(((meta, rgb) for meta, _, rgb in self.ng if meta["id"] == frame_id and rgb is not None), None)
+        if kept is None:
+            return 404, {"error": f"frame {str(frame_id)[:80]!r} is no longer kept (the last {self.NG_KEPT} NG frames "
+                                  "are)"}
+        meta, rgb = kept
+        try:
+            path = self.labels.save(meta, rgb, label)
+        except OSError as error:
+            return 507, {"error": f"not saved: {error.strerror or error}"}
+        meta["label"] = label
+        return 200, {"saved": path.name, "label": label, "labels": dict(self.labels.counts)}
+
+    def start_teaching(self) -> tuple[int, dict]:
+        """POST /teach: teaching on the frames marked good starts (one at a time)."""
+        started, state = self.teaching.start()
+        return (202 if started else 409), state
 
     def image(self, path: str) -> FrameImage | None:
         with self.condition:
@@ -316,7 +369,7 @@ class LiveView:
             if path.startswith("/frame/") and number and int(name) in self.frames:
                 return self.frames[int(name)][1]
             if path.startswith("/ng/"):
-                return next((image for meta, image in self.ng if meta["id"] == name), None)
+                return next((image for meta, image, _ in self.ng if meta["id"] == name), None)
         return None
 
     def stats_json(self) -> bytes | None:
@@ -354,7 +407,8 @@ def about_run(bundle_dir: Path, bundle, backend: str, run_id: str, mode: str) ->
     return {"bundle": name, "bundle_path": str(bundle_dir), "model": bundle.record.get("model", "?"),
             "input_size": list(bundle.input_size), "backend": backend, "run": run_id, "mode": mode,
             "calibrated": bool(thresholds), "calibrated_on": thresholds.get("source"),
-            "threshold": thresholds.get("image", {}).get("threshold")}
+            "threshold": thresholds.get("image", {}).get("threshold"),
+            "version": (bundle.record.get("version") or {}).get("number", 1)}
 
 
 COUNTS = ("frames", "ng", "skipped", "dropped", "reconnects")
@@ -441,7 +495,7 @@ class LiveViewSink(Sink):
         verdict = record.get("verdict")
         wall = time.time()
         tile.last = {"seq": record.get("seq"), "name": record.get("name"), "verdict": verdict, "score": score,
-                     "time": round(wall, 3)}
+                     "time": round(wall, 3), "version": record.get("version"), "threshold": record.get("threshold")}
         second, ng = int(wall), int(verdict == "NG")
         bucket = tile.trend[-1] if tile.trend else None
         if bucket is None or bucket[0] != second:
@@ -461,7 +515,8 @@ class LiveViewSink(Sink):
             self.view.add_ng({"id": f"{record.get('run', 'run')}-{record.get('seq')}", "seq": record.get("seq"),
                               "source": tile.label, "name": record.get("name"), "score": score,
                               "threshold": record.get("threshold"), "time": round(wall, 3),
-                              "iso": record.get("time"), "regions": record.get("regions", [])[:10]}, image)
+                              "iso": record.get("time"), "regions": record.get("regions", [])[:10]}, image,
+                             item.rgb)
         if now - tile.shown_at >= self.FRAME_INTERVAL_S * len(self.tiles):
             tile.shown_at = now
             tile.version = self.view.show(tile.index, image or FrameImage(item, self.LIVE_SIDE, self.LIVE_QUALITY))
@@ -529,4 +584,7 @@ class LiveViewSink(Sink):
                 "since_start": self._figures(total, start_s),
                 "last_hour": self._figures({k: total[k] - total_before[k] for k in COUNTS}, hour_s),
                 "sources": sources, "ng_frames": self.view.ng_frames(),
-                "alarms": health["active"], "alarms_cleared": health["cleared"]}
+                "alarms": health["active"], "alarms_cleared": health["cleared"],
+                "version": self.about.get("version"),
+                "labels": dict(self.view.labels.counts) if self.view.labels is not None else None,
+                "teaching": dict(self.view.teaching.state) if self.view.teaching is not None else None}

@@ -156,12 +156,17 @@ function renderNg(stats) {
   for (const frame of stats.ng_frames) {
     let el = have.get(frame.id);
     if (!el) {
-      el = document.createElement("figure"); el.className = "thumb"; el.dataset.id = frame.id;
+      el = document.createElement("figure"); el.className = "thumb"; el.dataset.id = frame.id; el.dataset.name = frame.name;
       const img = document.createElement("img"); img.src = "/ng/" + frame.id + ".jpg"; img.alt = "NG frame " + frame.name;
       const caption = document.createElement("figcaption");
       caption.textContent = clock(frame.iso) + " \u00b7 " + num(frame.score, 1) + (tiles.size > 1 ? " \u00b7 " + short(frame.source) : "");
       el.append(img, caption);
       el.addEventListener("click", () => openViewer(frame));
+    }
+    if (frame.label && el.dataset.label !== frame.label) {
+      el.dataset.label = frame.label; el.classList.remove("good", "defect"); el.classList.add(frame.label);
+      el.querySelector(".mark")?.remove();
+      el.querySelector("figcaption").prepend(Object.assign(document.createElement("span"), {className: "mark", textContent: (frame.label === "good" ? "good part" : "defect") + " \u00b7 "}));
     }
     strip.appendChild(el); have.delete(frame.id);
   }
@@ -169,7 +174,41 @@ function renderNg(stats) {
   if (!stats.ng_frames.length && !strip.children.length) strip.appendChild(Object.assign(document.createElement("p"), {className: "empty", textContent: "none yet"}));
 }
 
+let viewed = null;
+async function post(path, body) {
+  const response = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  return [response.status, await response.json().catch(() => ({error: "HTTP " + response.status}))];
+}
+async function mark(label) {
+  const state = $("mark-state");
+  state.className = ""; state.textContent = "saving\u2026";
+  const [status, answer] = await post("/label", {id: viewed.id, label: label});
+  state.className = status === 200 ? "" : "failed";
+  state.textContent = status === 200 ? "saved as " + (label === "good" ? "a good part" : "a defect") : answer.error;
+  if (status === 200) setTimeout(() => $("viewer").close(), 400);
+}
+$("mark-good").addEventListener("click", () => mark("good"));
+$("mark-defect").addEventListener("click", () => mark("defect"));
+$("teach-button").addEventListener("click", async () => {
+  $("teach-button").disabled = true;
+  const [, answer] = await post("/teach", {});
+  $("teach-state").textContent = answer.message || answer.error || "";
+});
+
+function renderTeach(stats) {
+  const teach = $("teach"), labels = stats.labels, state = stats.teaching;
+  teach.hidden = !labels;
+  if (!labels) return;
+  $("teach-counts").textContent = "marked: " + labels.good + " good part" + (labels.good === 1 ? "" : "s") + ", " + labels.defect + " defect" + (labels.defect === 1 ? "" : "s");
+  $("teach-button").disabled = !labels.good || state.state === "running";
+  const text = $("teach-state");
+  text.className = state.state; text.textContent = state.message;
+}
+
 function openViewer(frame) {
+  viewed = frame;
+  $("viewer-labels").hidden = !document.body.dataset.labels;
+  $("mark-state").textContent = "";
   $("viewer-img").src = "/ng/" + frame.id + ".jpg";
   $("viewer-title").textContent = frame.source + " \u00b7 frame " + frame.name + " \u00b7 " + clock(frame.iso) + " \u00b7 score " + num(frame.score, 3) + " (threshold " + num(frame.threshold, 3) + ")";
   const info = $("viewer-info");
@@ -188,6 +227,10 @@ function render(stats) {
   const about = stats.about || {};
   $("bundle").textContent = (about.bundle || "?") + (about.model ? " (" + about.model + ", " + (about.input_size || []).join("\u00d7") + ")" : "");
   $("backend").textContent = stats.backend;
+  $("version").textContent = stats.version ?? "\u2014";
+  document.body.dataset.labels = stats.labels ? "1" : "";
+  document.body.dataset.version = stats.version ?? "";
+  renderTeach(stats);
   $("run").textContent = stats.run;
   $("uncal").hidden = stats.calibrated;
   $("uncal-cmd").textContent = "inspect-calibrate " + about.bundle_path + " --images DIR";
