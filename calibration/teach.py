@@ -5,11 +5,13 @@ The patch features come from the bundle's own graph, cut at the projection's out
 (`onnx.utils.extract_model`) and run through OpenVINO: nothing more is stored in the bundle or computed per frame.
 A taught patch is new when it lies farther from the memory bank than the held-out good images' patches do
 (their COVERAGE_QUANTILE distance); the new entries are chosen as the coreset chooses, farthest first, at most
-MAX_NEW_SHARE of the bank per teaching, so the bank and its search stay bounded. The bank's two constants (the
+MAX_NEW_SHARE of the bank per teaching and MAX_GROWTH times the trained bank in all, so the bank and its search
+stay bounded. The bank's two constants (the
 bank, whose norms the graph computes, and −2·bankᵀ, which every block's Gemm reads) are rewritten with the `onnx`
 package in model.onnx and the fp16 model; the INT8 model and the TensorRT engine were made from the old bank and
 are dropped, with the command that remakes them. Thresholds are recalibrated, by the parent's rule, on the
-held-out good images plus every CALIBRATION_EVERY-th taught image (which the bank does not take).
+held-out good images plus every CALIBRATION_EVERY-th taught image (which the bank does not take), and never
+lowered: teaching widens what is good.
 
 Each teaching is a new version (`version` in bundle.json: number, the parent's model digest, what was added, when,
 by whom); the parent is kept in BUNDLE.versions/ and `inspect-teach BUNDLE --rollback` brings it back. With
@@ -37,8 +39,9 @@ from edgeinspect.runtime.inference.inspector import Inspector
 from .thresholds import METHODS, calibrate
 
 BANK = "memory.bank"  # the bank's initializer: the name PatchCore's export gives its buffer
-MAX_NEW_SHARE = 0.1  # entries added per teaching, as a share of the bank
-COVERAGE_QUANTILE = 0.999  # of the held-out good patches' distances to the bank: what the bank already covers
+MAX_NEW_SHARE = 0.25  # entries added per teaching, as a share of the bank (BENCHMARKS.md: how it was chosen)
+MAX_GROWTH = 2.0  # the bank stays within twice its trained size; beyond, retraining is the answer
+COVERAGE_QUANTILE = 0.99  # of the held-out good patches' distances to the bank: what the bank already covers
 CALIBRATION_EVERY = 4  # every 4th taught image calibrates instead of teaching
 
 
@@ -157,7 +160,12 @@ def teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | Non
     held_out = patch_features(bundle, where.queries, load_resized(validation, bundle.input_size)[0])
     radius = float(np.quantile(nearest_distances(held_out.reshape(-1, bank.shape[1]), bank), COVERAGE_QUANTILE))
     candidates = patch_features(bundle, where.queries, load_resized(taught, bundle.input_size)[0])
-    limit = math.ceil(MAX_NEW_SHARE * len(bank))
+    trained = (record.get("version") or {}).get("taught", {}).get("trained_entries", len(bank))
+    limit = min(math.ceil(MAX_NEW_SHARE * len(bank)), math.floor(MAX_GROWTH * trained) - len(bank))
+    if limit <= 0:
+        raise InspectError(f"{bundle.path}: the memory bank has grown to {len(bank)} entries from {trained} trained, "
+                           f"the most teaching adds ({MAX_GROWTH:g}×, each entry costs search time per frame); retrain "
+                           "on the workstation with the taught frames among the good training images")
     added = choose_entries(candidates.reshape(-1, bank.shape[1]), bank, radius, limit)
     if not len(added):
         raise InspectError(f"every patch of the {len(taught)} taught images lies within what the bank covers "
@@ -185,8 +193,15 @@ def teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | Non
         method = next(key for key, name in METHODS.items() if name == parent["method"])
         source = f"{parent['source']} + {len(calibration_extra)} taught"
         precision = parent.get("precision", "fp32") if staged.record.get("int8_model_file") else "fp32"
-        calibrate(staged, validation + calibration_extra, parent["image"].get("k", 3.0), source, method,
-                  parent["image"].get("fpr", 0.01), precision)
+        recalibrated = calibrate(staged, validation + calibration_extra, parent["image"].get("k", 3.0), source,
+                                 method, parent["image"].get("fpr", 0.01), precision)
+        if recalibrated["image"]["threshold"] < parent["image"]["threshold"] and precision == parent.get("precision",
+                                                                                                         "fp32"):
+            # teaching widens what is good; a threshold that came out lower is the noise of a few images, and
+            # would flag parts the parent passed
+            staged.record["thresholds"] = {**parent, "source": f"{parent['source']} (kept: recalibrated on "
+                                           f"{source} it came out lower, {recalibrated['image']['threshold']:.4g})"}
+            staged.save()
         if defects:  # the regression guard
             before, after = scores_of(bundle, defects), scores_of(staged, defects)
             now, then = bundle.thresholds["image"]["threshold"], staged.thresholds["image"]["threshold"]
@@ -199,7 +214,7 @@ def teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | Non
             "number": version_number(record) + 1, "parent": record["files"][record["model_file"]]["sha256"],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": by or getpass.getuser(),
             "taught": {"images": len(taught), "calibration_images": len(calibration_extra), "entries_added": len(added),
-                       "bank_entries": len(new_bank), "coverage_radius": round(radius, 6),
+                       "bank_entries": len(new_bank), "trained_entries": trained, "coverage_radius": round(radius, 6),
                        "defects_checked": len(defects)}}
         staged.save()
         kept = versions_dir(bundle.path) / f"v{version_number(record)}"

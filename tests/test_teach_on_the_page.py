@@ -37,12 +37,12 @@ def test_marking_false_alarms_and_teaching_from_the_page(chromium, patchcore_bun
     bundle = tmp_path / "line" / "bundle"
     shutil.copytree(patchcore_bundle, bundle)
     folder = watched_folder(tmp_path, sorted((mvtec_like / "test" / "good").iterdir())[:2])
-    taught, later = lamp_frames(tmp_path / "lamp", 8, 1), lamp_frames(tmp_path / "lamp-later", 4, 2)
+    taught, later = lamp_frames(tmp_path / "lamp", 12, 1), lamp_frames(tmp_path / "lamp-later", 4, 2)
     out = tmp_path / "out"
     with inspect_run(bundle, out, "--source", folder, "--watch") as run:
         wait_until(lambda: stats_of(run)["frames"] == 2, 60, "the first frames")
         with page(chromium, run.url) as tools:
-            for batch, frames in enumerate([(taught[:4], []), (taught[4:], [("pasted", "defect")])]):
+            for batch, frames in enumerate([(taught[:4], []), (taught[4:8], []), (taught[8:], [("pasted", "defect")])]):
                 lamps, others = frames
                 feed(folder, lamps, f"lamp{batch}")
                 feed(folder, sorted((mvtec_like / "test" / "pasted").iterdir())[:len(others)], "pasted")
@@ -56,7 +56,7 @@ def test_marking_false_alarms_and_teaching_from_the_page(chromium, patchcore_bun
                                    "!document.getElementById('viewer-labels').hidden", what="the viewer's buttons")
                     tools.evaluate(f"document.getElementById('mark-{label}').click()")
                     tools.wait_for("!document.getElementById('viewer').open", what=f"{name} saved as {label}")
-            tools.wait_for("document.getElementById('teach-counts').textContent === 'marked: 8 good parts, 1 defect'",
+            tools.wait_for("document.getElementById('teach-counts').textContent === 'marked: 12 good parts, 1 defect'",
                            what="the counts")
             tools.wait_for("document.querySelectorAll('.thumb.good').length === 7", what="the strip's marks")
             tools.screenshot(tmp_path / "page-teach.png")
@@ -65,16 +65,16 @@ def test_marking_false_alarms_and_teaching_from_the_page(chromium, patchcore_bun
             state = tools.evaluate("document.getElementById('teach-state').textContent")
             assert state == "version 2 written; the line takes it in"
         feed(folder, later, "later")
-        wait_until(lambda: stats_of(run)["frames"] == 15, 60, "the later lamp frames")
+        wait_until(lambda: stats_of(run)["frames"] == 19, 60, "the later lamp frames")
     log = [line for line in read_log(out) if "seq" in line]
-    assert [line["seq"] for line in log] == list(range(len(log))) and len(log) == 15
+    assert [line["seq"] for line in log] == list(range(len(log))) and len(log) == 19
     by_name = {line["name"]: line for line in log}
-    assert all(by_name[f"lamp{b}-{i:03d}.png"]["verdict"] == "NG" for b in range(2) for i in range(4))
+    assert all(by_name[f"lamp{b}-{i:03d}.png"]["verdict"] == "NG" for b in range(3) for i in range(4))
     assert all(by_name[f"later-{i:03d}.png"]["verdict"] == "OK" and by_name[f"later-{i:03d}.png"]["version"] == 2
                for i in range(4))
     assert by_name["pasted-000.png"]["verdict"] == "NG"
     kept = sorted((out / "labels" / "good").glob("*.png"))
-    assert len(kept) == 8 and len(list((out / "labels" / "defect").glob("*.png"))) == 1
+    assert len(kept) == 12 and len(list((out / "labels" / "defect").glob("*.png"))) == 1
     record = json.loads((out / "labels" / "records" / f"{kept[0].stem}.json").read_text())
     assert record["label"] == "good" and record["score"] > record["threshold"]
     batch, index = int(record["name"][4]), int(record["name"][6:9])
