@@ -6,12 +6,12 @@ The patch features come from the bundle's own graph, cut at the projection's out
 A taught patch is new when it lies farther from the memory bank than the held-out good images' patches do
 (their COVERAGE_QUANTILE distance); the new entries are chosen as the coreset chooses, farthest first, at most
 MAX_NEW_SHARE of the bank per teaching and MAX_GROWTH times the trained bank in all, so the bank and its search
-stay bounded. The bank's two constants (the
-bank, whose norms the graph computes, and −2·bankᵀ, which every block's Gemm reads) are rewritten with the `onnx`
-package in model.onnx and the fp16 model; the INT8 model and the TensorRT engine were made from the old bank and
-are dropped, with the command that remakes them. Thresholds are recalibrated, by the parent's rule, on the
-held-out good images plus every CALIBRATION_EVERY-th taught image (which the bank does not take), and never
-lowered: teaching widens what is good.
+stay bounded. The bank's two constants (the bank, whose norms the graph computes, and −2·bankᵀ, which every
+block's Gemm reads) are rewritten with the `onnx` package in model.onnx and the fp16 model; the TensorRT engine
+is built again where TensorRT is present, and the INT8 model (and an INT8 engine) is dropped, with the command
+that remakes it. Thresholds are recalibrated, by the parent's rule, on the held-out good images plus every
+CALIBRATION_EVERY-th taught image (which the bank does not take), and never lowered: teaching widens what is
+good.
 
 Each teaching is a new version (`version` in bundle.json: number, the parent's model digest, what was added, when,
 by whom); the parent is kept in BUNDLE.versions/ and `inspect-teach BUNDLE --rollback` brings it back. With
@@ -29,10 +29,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgeinspect.export import device_export
 from edgeinspect.runtime.console import InspectError, console
 from edgeinspect.runtime.files import replace_dir, staging_dir
 from edgeinspect.runtime.inference.backends import openvino_config
-from edgeinspect.runtime.inference.bundle import MODEL_FIELDS, Bundle, file_digests, load_bundle
+from edgeinspect.runtime.inference.bundle import Bundle, file_digests, load_bundle
 from edgeinspect.runtime.inference.images import load_resized
 from edgeinspect.runtime.inference.inspector import Inspector
 
@@ -119,6 +120,18 @@ def rewrite_bank(path: Path, new_bank: np.ndarray) -> None:
     onnx.save(model, str(path))
 
 
+def rebuild_engine(staged: Bundle, engine: dict | None) -> bool:
+    """The fp32 or fp16 TensorRT engine built again from the rewritten model, where TensorRT is here (the INT8
+    one needs the INT8 model quantized again: inspect-export BUNDLE --int8 --engine)."""
+    if not engine or engine.get("precision") == "int8":
+        return False
+    if device_export.tensorrt_unavailable() is not None:
+        return False
+    device_export.add_engine(staged, device_export.EngineOptions(fp16=engine.get("precision") == "fp16",
+                                                                 build_engine=True))
+    return True
+
+
 def versions_dir(bundle_dir: Path) -> Path:
     """Where earlier versions are kept: beside the bundle, so that copying the bundle copies one version."""
     return bundle_dir.parent / f"{bundle_dir.name}.versions"
@@ -188,7 +201,9 @@ def teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | Non
         if dropped:
             staged.record.update(int8_model_file=None, engine=None)
             staged.record.pop("int8", None)
-        staged.record["files"] = file_digests(staging, [staged.record[f] for f in MODEL_FIELDS if staged.record.get(f)])
+            if rebuild_engine(staged, record.get("engine")):
+                dropped.remove(record["engine"]["file"])
+        staged.record["files"] = file_digests(staging, device_export.model_files(staged.record))
         parent = bundle.thresholds
         method = next(key for key, name in METHODS.items() if name == parent["method"])
         source = f"{parent['source']} + {len(calibration_extra)} taught"

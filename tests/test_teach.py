@@ -126,6 +126,8 @@ def test_teaching_says_what_it_cannot_do(kind_bundle, tmp_path, mvtec_like):
     if kind == "patchcore":
         result = invoke(teach_app, kind_bundle, "--good", mvtec_like / "test" / "good", "--rollback")
         assert result.exit_code == 2 and "--rollback takes no --good or --defects" in result.output
+        result = invoke(teach_app, kind_bundle)
+        assert result.exit_code == 2 and "--good: give the folder of good frames" in result.output
         return
     result = invoke(teach_app, kind_bundle, "--good", mvtec_like / "test" / "good")
     assert result.exit_code == 2
@@ -176,3 +178,34 @@ def test_the_bank_grows_to_twice_its_trained_size_at_most(bundle_copy, lamp_fram
     assert result.exit_code == 2 and "the most teaching adds" in result.output and "retrain on the workstation" \
         in result.output
     assert load_bundle(bundle_copy).record["version"]["number"] == 2 and trained != load_bundle(bundle_copy).record
+
+
+def test_the_fp16_model_is_taught_too_and_the_engine_built_again(kind_bundle, lamp_frames, tmp_path, monkeypatch):
+    """A PatchCore bundle with its fp16 model and an fp16 engine: both ONNX models get the new bank (the fp16
+    model keeps the bank in fp32), and where TensorRT is present the engine is built again from the fp16 model
+    (the builder stood in for: no GPU here); the INT8 model is dropped with the command that remakes it."""
+    from edgeinspect.export import device_export
+
+    if load_bundle(kind_bundle).record["model"] != "patchcore":
+        pytest.skip("PatchCore only")
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(kind_bundle, bundle_dir)
+    record = json.loads((bundle_dir / "bundle.json").read_text())
+    (bundle_dir / "model.engine").write_bytes(b"plan of the old bank")
+    record["engine"] = {"file": "model.engine", "batch_sizes": [1, 1, 8], "precision": "fp16",
+                        "onnx": {"file": record["fp16_model_file"]}}
+    (bundle_dir / "bundle.json").write_text(json.dumps(record))
+    built = []
+    monkeypatch.setattr(device_export, "tensorrt_unavailable", lambda: None)
+    monkeypatch.setattr(device_export, "build_engine", lambda source, engine, *args: built.append(source) or (
+        engine.write_bytes(b"plan of the new bank"), {"file": engine.name, "batch_sizes": [1, 1, 8], "gpu": "stand-in",
+                                                      "tensorrt": "stand-in", "onnx": {"file": source.name}})[1])
+    teach_dir, _ = lamp_frames
+    result = invoke(teach_app, bundle_dir, "--good", teach_dir)
+    assert result.exit_code == 0, result.output
+    taught = load_bundle(bundle_dir).record
+    assert [source.name for source in built] == [taught["fp16_model_file"]]
+    assert (bundle_dir / "model.engine").read_bytes() == b"plan of the new bank"
+    for name in ("model.onnx", taught["fp16_model_file"]):
+        bank = next(i for i in onnx.load(str(bundle_dir / name)).graph.initializer if i.name == BANK)
+        assert bank.data_type == onnx.TensorProto.FLOAT and bank.dims[0] == taught["version"]["taught"]["bank_entries"]
