@@ -82,6 +82,9 @@ LINE_SCHEMA = {
         "mqtt": _section({"url": {**_TEXT, "x-message": "mqtt://HOST[:PORT]/TOPIC-PREFIX or mqtts://…"},
                           "username": _TEXT, "password": _SECRET, "ca": _TEXT, "cert": _TEXT, "key": _TEXT,
                           "queue": _whole(1), "heartbeat": _number(0)}),
+        "modbus": _section({"address": {**_TEXT, "x-message": "HOST:PORT, e.g. 0.0.0.0:5020"},
+                            "ng": {"enum": ["latched", "pulse"], "x-message": "latched or pulse"},
+                            "pulse_ms": _whole(10, 60000)}),
         "alarms": _section(_LIMITS),
         "trust": {"type": "array", "minItems": 1, "items": _TEXT,
                   "x-message": "a list of public key files whose signature the bundle must carry"},
@@ -100,7 +103,8 @@ OPTION_KEYS = {
     "mqtt_username": ("mqtt", "username"), "mqtt_password": ("mqtt", "password"), "mqtt_ca": ("mqtt", "ca"),
     "mqtt_cert": ("mqtt", "cert"), "mqtt_key": ("mqtt", "key"), "mqtt_queue": ("mqtt", "queue"),
     "mqtt_heartbeat": ("mqtt", "heartbeat"), "backend": ("inference", "backend"), "threads": ("inference", "threads"),
-    "trust": ("trust",), "precision": ("inference", "precision"),
+    "trust": ("trust",), "precision": ("inference", "precision"), "modbus": ("modbus", "address"),
+    "modbus_ng": ("modbus", "ng"), "modbus_pulse_ms": ("modbus", "pulse_ms"),
 }
 PATH_OPTIONS = {"bundle_dir", "out", "collect_good", "mqtt_ca", "mqtt_cert", "mqtt_key", "view_token_file"}
 

@@ -123,6 +123,11 @@ def run(
     mqtt_queue: int = typer.Option(100_000, "--mqtt-queue", help="Most messages kept on disk while the broker is "
                                    "unreachable (the oldest are dropped beyond it)."),
     mqtt_heartbeat: float = typer.Option(10.0, "--mqtt-heartbeat", help="Seconds between heartbeats."),
+    modbus: str = typer.Option(None, "--modbus", help="Serve the verdicts to the line's PLC over Modbus TCP on "
+                               "HOST:PORT (e.g. 0.0.0.0:5020; the register map is in the README, \"The PLC\")."),
+    modbus_ng: str = typer.Option("latched", "--modbus-ng", help="The NG coil: latched (until the PLC writes 0) or "
+                                  "pulse."),
+    modbus_pulse_ms: int = typer.Option(500, "--modbus-pulse-ms", help="How long a pulsed NG coil stays set."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda, openvino or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
     precision: str = typer.Option("auto", "--precision", help="fp32 or int8 (auto: what the thresholds were "
@@ -155,7 +160,9 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                  log_rotate: str | None, log_gzip: bool, max_disk: str | None, keep_days: float | None,
                  mqtt: str | None, mqtt_username: str | None, mqtt_password: str | None, mqtt_ca: Path | None,
                  mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_queue: int, mqtt_heartbeat: float, backend: str,
-                 threads: int | None, precision: str = "auto", trust: list[Path] | None = None, source_names: list[str] | None = None, limits: Limits = Limits()) -> None:
+                 threads: int | None, precision: str = "auto", trust: list[Path] | None = None,
+                 source_names: list[str] | None = None, limits: Limits = Limits(), modbus: str | None = None,
+                 modbus_ng: str = "latched", modbus_pulse_ms: int = 500) -> None:
     """One line's run, from inspect-run's options (flags, a line config file, or both)."""
     save, mode = Save(save), Mode(mode)
     if bundle_dir is None:
@@ -176,6 +183,11 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         raise InspectError("--mqtt-password needs --mqtt-username")
     positive_finite(keep_days, "--keep-days")
     positive_finite(mqtt_heartbeat, "--mqtt-heartbeat")
+    if modbus:  # checked, and the address tried, before a model or a camera is opened
+        from edgeinspect.runtime.outputs.plc_modbus import check_bindable, check_modbus_options
+
+        check_modbus_options(modbus, modbus_ng, modbus_pulse_ms)
+        check_bindable(modbus)
     max_bytes = parse_bytes(max_disk, "--max-disk") if max_disk else None
     rotate_bytes, rotate_daily = log_rotation(log_rotate, max_bytes)
     bundle = load_bundle(bundle_dir, trust=trust)
@@ -226,9 +238,9 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         if view is not None:
             token_file = view_token_file or (None if is_loopback(view_host) else out / TOKEN_FILE)
             token = load_or_create_token(token_file) if token_file else None
-            labels = LabelStore(out)
-            live_view = LiveView(view_host, view, view_clients, token=token, labels=labels,
-                                 teaching=TeachJob(teacher(bundle_dir, trust), labels))
+            marked = LabelStore(out)
+            live_view = LiveView(view_host, view, view_clients, token=token, labels=marked,
+                                 teaching=TeachJob(teacher(bundle_dir, trust), marked))
             console.print(f"live view on {live_view.url}" + (f" (sign in with the token in {token_file})"
                                                              if token else ""))
             outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
@@ -238,6 +250,10 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                                  mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key)
             outputs.sinks.append(publisher)
             health.listeners.append(lambda event: publisher.publish("alarms", json.dumps(event)))
+        if modbus:
+            from edgeinspect.runtime.outputs.plc_modbus import ModbusOutput
+
+            outputs.sinks.append(ModbusOutput(modbus, labels, modbus_ng, modbus_pulse_ms))
         outputs.sinks.append(ConsoleSink(verbose=None if mode == Mode.latest else True))
         outputs.sinks.append(HealthSink(health))
         if collect_good is not None:

@@ -1,0 +1,175 @@
+"""Verdicts for the line's PLC over Modbus TCP (`inspect-run … --modbus HOST:PORT`), the signal every PLC can
+read, with no broker in between. inspect-run is the server (device id 1); the register map (README, "The PLC")
+is per source, in the order of --source:
+
+- coil 2·i: NG. Set on each NG frame; `latched` (default): stays set until the PLC writes 0 to acknowledge;
+  `pulse`: cleared again after --modbus-pulse-ms.
+- coil 2·i + 1: OK, the last frame's verdict was OK.
+- holding register 0: heartbeat, +1 every second (wraps at 65536); 1: the number of sources.
+- holding registers 10 + 10·i onwards: frames inspected, NG frames (both wrap at 65536), the last verdict
+  (0 none yet, 1 OK, 2 NG, 3 skipped), the last score × 100 and the image threshold × 100 (0 to 65535), the
+  bundle version, the last `seq` (low 16 bits).
+
+The server runs on an asyncio loop in a thread of its own (pymodbus); the frame loop only posts the new values to
+that loop and never waits on it, so a client that stalls, floods or drops off never delays inspection."""
+
+import asyncio
+import logging
+import math
+import socket
+import threading
+import time
+
+from edgeinspect.runtime.console import InspectError, RateLimitedWarning
+from edgeinspect.runtime.outputs.sinks import Inspected, Sink
+
+DEVICE_ID = 1
+HEARTBEAT, SOURCES = 0, 1
+BLOCK, BLOCK_SIZE = 10, 10
+FRAMES, NG_FRAMES, VERDICT, SCORE, THRESHOLD, VERSION, SEQ = range(7)
+VERDICT_CODES = {None: 0, "OK": 1, "NG": 2, "skipped": 3}
+NG_MODES = ("latched", "pulse")
+COILS, HOLDING = 5, 6  # function codes of the writes that update them (write single coil / register)
+
+
+def parse_modbus_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise InspectError(f"--modbus {text!r}: give HOST:PORT, e.g. 0.0.0.0:5020 (port 1 to 65535)")
+    return host, int(port)
+
+
+def check_modbus_options(address: str, ng_mode: str, pulse_ms: int) -> None:
+    parse_modbus_address(address)
+    if ng_mode not in NG_MODES:
+        raise InspectError(f"--modbus-ng {ng_mode!r} is not one of {', '.join(NG_MODES)}")
+    if not (isinstance(pulse_ms, int) and 10 <= pulse_ms <= 60_000):
+        raise InspectError(f"--modbus-pulse-ms must be from 10 to 60000, got {pulse_ms}")
+
+
+def check_bindable(address: str) -> None:
+    """The address is this machine's and free: said in one line before the server starts (pymodbus itself only
+    says that listening failed)."""
+    host, port = parse_modbus_address(address)
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        raise InspectError(f"--modbus {address}: cannot listen there ({error.strerror or error})") from None
+
+
+def register_value(value: float | None, scale: float = 100.0) -> int:
+    """A number as an unsigned 16-bit register, scaled and clipped; not finite or missing → 0."""
+    if value is None or not math.isfinite(value):
+        return 0
+    return int(min(max(round(value * scale), 0), 65535))
+
+
+class ModbusOutput(Sink):
+    def __init__(self, address: str, sources: list[str], ng_mode: str = "latched", pulse_ms: int = 500,
+                 start_timeout_s: float = 10.0):
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator.simdata import DataType, SimData
+        from pymodbus.simulator.simdevice import SimDevice
+
+        check_modbus_options(address, ng_mode, pulse_ms)
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its own lines would interleave the console's
+        self.host, self.port = parse_modbus_address(address)
+        self.index = {label: i for i, label in enumerate(sources)}
+        self.ng_mode, self.pulse_s = ng_mode, pulse_ms / 1000
+        self.counts = {label: [0, 0] for label in sources}  # frames, NG
+        self.warn = RateLimitedWarning()
+        self.clients = 0
+        self.next_beat = time.monotonic() + 1.0
+        registers = BLOCK + BLOCK_SIZE * len(sources)
+        device = SimDevice(id=DEVICE_ID, simdata=(
+            [SimData(0, count=2 * len(sources), values=False, datatype=DataType.BITS)],
+            [SimData(0, count=1, values=False, datatype=DataType.BITS)],
+            [SimData(0, count=registers, values=0, datatype=DataType.REGISTERS)],
+            [SimData(0, count=1, values=0, datatype=DataType.REGISTERS)]))
+        check_bindable(address)
+        self.loop = asyncio.new_event_loop()
+        self.stopping = False
+        started: dict = {}
+        ready = threading.Event()
+
+        async def serve():
+            try:
+                self.server = ModbusTcpServer(device, address=(self.host, self.port), trace_connect=self._connected)
+                await self.server.serve_forever(background=True)
+            except Exception as error:  # noqa: BLE001 - said by the constructor, in the caller's thread
+                started["error"] = error
+                return
+            finally:
+                ready.set()
+            await self._heartbeat()
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve(),), name="modbus",
+                                       daemon=True)
+        self.thread.start()
+        if not ready.wait(start_timeout_s) or "error" in started:
+            raise InspectError(f"--modbus {address}: the Modbus server did not start ({started.get('error')})")
+        self._post(self._set(HOLDING, SOURCES, [len(sources)]))
+
+    def _connected(self, connected: bool) -> None:
+        self.clients += 1 if connected else -1
+
+    async def _set(self, kind: int, address: int, values: list) -> None:
+        await self.server.async_setValues(DEVICE_ID, kind, address, values)
+
+    async def _heartbeat(self) -> None:
+        beat = 0
+        while not self.stopping:
+            await asyncio.sleep(0.1)
+            if time.monotonic() >= self.next_beat:
+                self.next_beat += 1.0
+                beat = (beat + 1) % 65536
+                await self._set(HOLDING, HEARTBEAT, [beat])
+
+    def _post(self, coroutine) -> None:
+        """Hand an update to the server's loop without waiting for it."""
+        try:
+            asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        except RuntimeError:  # the loop has closed (the run is ending)
+            coroutine.close()
+
+    async def _pulse_off(self, coil: int) -> None:
+        await asyncio.sleep(self.pulse_s)
+        await self._set(COILS, coil, [False])
+
+    def handle(self, item: Inspected) -> None:
+        record = item.record
+        label = record.get("source", "")
+        if label not in self.index:
+            return
+        i = self.index[label]
+        verdict = "skipped" if item.skipped else item.verdict
+        counts = self.counts[label]
+        counts[0] = (counts[0] + (not item.skipped)) % 65536
+        counts[1] = (counts[1] + (verdict == "NG")) % 65536
+        base = BLOCK + BLOCK_SIZE * i
+        self._post(self._set(HOLDING, base, [counts[0], counts[1], VERDICT_CODES.get(verdict, 0),
+                                             register_value(record.get("score")),
+                                             register_value(record.get("threshold")),
+                                             int(record.get("version") or 0) % 65536,
+                                             int(record.get("seq", 0)) % 65536]))
+        if verdict in ("OK", "NG"):
+            self._post(self._set(COILS, 2 * i + 1, [verdict == "OK"]))
+        if verdict == "NG":
+            self._post(self._set(COILS, 2 * i, [True]))
+            if self.ng_mode == "pulse":
+                self._post(self._pulse_off(2 * i))
+
+    def close(self) -> None:
+        if self.stopping:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(timeout=5)
+        except Exception:  # noqa: BLE001 - stopping anyway: the thread is a daemon
+            pass
+        self.stopping = True
+        self.thread.join(timeout=5)
