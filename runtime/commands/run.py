@@ -235,6 +235,12 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                         [shown_url(text) for text in sources], limits)
         health.listeners += [console_listener, log_listener(log, run_id)]  # and MQTT's PREFIX/alarms below
         about = about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)
+        plc = None
+        if modbus:
+            from edgeinspect.runtime.outputs.plc_modbus import ModbusOutput
+
+            plc = ModbusOutput(modbus, labels, modbus_ng, modbus_pulse_ms)
+            outputs.sinks.append(plc)
         if view is not None:
             token_file = view_token_file or (None if is_loopback(view_host) else out / TOKEN_FILE)
             token = load_or_create_token(token_file) if token_file else None
@@ -244,16 +250,12 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             console.print(f"live view on {live_view.url}" + (f" (sign in with the token in {token_file})"
                                                              if token else ""))
             outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
-                                              about))
+                                              about, plc))
         if mqtt:
             publisher = MqttSink(target, out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
                                  mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key)
             outputs.sinks.append(publisher)
             health.listeners.append(lambda event: publisher.publish("alarms", json.dumps(event)))
-        if modbus:
-            from edgeinspect.runtime.outputs.plc_modbus import ModbusOutput
-
-            outputs.sinks.append(ModbusOutput(modbus, labels, modbus_ng, modbus_pulse_ms))
         outputs.sinks.append(ConsoleSink(verbose=None if mode == Mode.latest else True))
         outputs.sinks.append(HealthSink(health))
         if collect_good is not None:

@@ -463,8 +463,10 @@ class LiveViewSink(Sink):
     TREND_S = 300
     SUMMARY_FRESH_S = 2.0
 
-    def __init__(self, view: LiveView, summary, stats=None, grabbers=(), health=None, about: dict | None = None):
+    def __init__(self, view: LiveView, summary, stats=None, grabbers=(), health=None, about: dict | None = None,
+                 plc=None):
         self.view, self.summary, self.stats, self.health = view, summary, stats, health
+        self.plc = plc  # the Modbus server (its status() for the footer), or None
         self.grabbers = list(grabbers)
         self.about = about or {}
         self.tiles: dict[str, Tile] = {}
@@ -587,4 +589,5 @@ class LiveViewSink(Sink):
                 "alarms": health["active"], "alarms_cleared": health["cleared"],
                 "version": self.about.get("version"),
                 "labels": dict(self.view.labels.counts) if self.view.labels is not None else None,
-                "teaching": dict(self.view.teaching.state) if self.view.teaching is not None else None}
+                "teaching": dict(self.view.teaching.state) if self.view.teaching is not None else None,
+                "plc": self.plc.status() if self.plc is not None else None}

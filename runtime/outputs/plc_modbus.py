@@ -115,6 +115,10 @@ class ModbusOutput(Sink):
             raise InspectError(f"--modbus {address}: the Modbus server did not start ({started.get('error')})")
         self._post(self._set(HOLDING, SOURCES, [len(sources)]))
 
+    def status(self) -> dict:
+        """For the operator's page: where the server listens and how many clients (PLCs) are connected."""
+        return {"modbus": f"{self.host}:{self.port}", "clients": self.clients}
+
     def _connected(self, connected: bool) -> None:
         self.clients += 1 if connected else -1
 
