@@ -17,10 +17,12 @@ Each teaching is a new version (`version` in bundle.json: number, the parent's m
 by whom); the parent is kept in BUNDLE.versions/ and `inspect-teach BUNDLE --rollback` brings it back. With
 --defects, teaching is refused when a defect the parent caught would pass."""
 
+import fcntl
 import getpass
 import math
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -141,6 +143,26 @@ def version_number(record: dict) -> int:
     return (record.get("version") or {}).get("number", 1)
 
 
+def version_name(record: dict) -> str:
+    """A kept version's folder: its number and its model's digest (a re-exported bundle starts again at 1)."""
+    return f"v{version_number(record)}-{record['files'][record['model_file']]['sha256'][:12]}"
+
+
+@contextmanager
+def teaching_lock(bundle_dir: Path):
+    """One teaching or rollback of a bundle at a time (the page's and a shell's could overlap)."""
+    lock_path = bundle_dir.parent / f".{bundle_dir.name}.teaching.lock"
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InspectError(f"{bundle_dir}: another teaching or rollback of it is running") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def scores_of(bundle: Bundle, images: list[Path]) -> dict[Path, float]:
     """Image score of each readable image (the unreadable ones are named in a warning)."""
     return {path: float(score) for path, _, _, score in Inspector(bundle).infer_files(images)}
@@ -149,6 +171,12 @@ def scores_of(bundle: Bundle, images: list[Path]) -> dict[Path, float]:
 def teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | None = None,
           trust: list[Path] | None = None) -> Bundle:
     """A new version of the bundle that has learnt `good`; the parent kept in BUNDLE.versions/."""
+    with teaching_lock(Path(bundle_dir)):
+        return _teach(bundle_dir, good, defects, by, trust)
+
+
+def _teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | None,
+           trust: list[Path] | None) -> Bundle:
     bundle = load_bundle(bundle_dir, trust=trust)
     record = bundle.record
     if record["model"] != "patchcore":
@@ -232,8 +260,8 @@ def teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | Non
                        "bank_entries": len(new_bank), "trained_entries": trained, "coverage_radius": round(radius, 6),
                        "defects_checked": len(defects)}}
         staged.save()
-        kept = versions_dir(bundle.path) / f"v{version_number(record)}"
-        shutil.rmtree(kept, ignore_errors=True)  # a version of that number rolled back earlier
+        kept = versions_dir(bundle.path) / version_name(record)
+        shutil.rmtree(kept, ignore_errors=True)  # this very version, kept before and rolled back to since
         shutil.copytree(bundle.path, kept)
         replace_dir(staging, bundle.path)
     except BaseException:
@@ -247,23 +275,27 @@ def teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | Non
 
 
 def rollback(bundle_dir: Path) -> Bundle:
-    """The last kept version back in place; the version it replaces is kept as vN-rolled-back."""
-    bundle = load_bundle(bundle_dir, verify=False)
-    history = versions_dir(bundle.path)
-    kept = sorted((p for p in history.glob("v*") if p.name[1:].isdigit()), key=lambda p: int(p.name[1:])) \
-        if history.is_dir() else []
-    if not kept:
-        raise InspectError(f"{bundle.path}: no earlier version kept in {history}")
-    parent = load_bundle(kept[-1])  # verified before anything moves
-    staging = staging_dir(bundle.path)
-    try:
-        shutil.copytree(parent.path, staging, dirs_exist_ok=True)
-        rolled_back = history / f"v{version_number(bundle.record)}-rolled-back"
-        shutil.rmtree(rolled_back, ignore_errors=True)
-        shutil.copytree(bundle.path, rolled_back)
-        replace_dir(staging, bundle.path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(parent.path)
+    """The parent of the version in place back (the kept version whose model digest the current one names as its
+    parent); the version it replaces is kept too, as …-rolled-back."""
+    with teaching_lock(Path(bundle_dir)):
+        bundle = load_bundle(bundle_dir, verify=False)
+        history = versions_dir(bundle.path)
+        parent_digest = (bundle.record.get("version") or {}).get("parent")
+        kept = [p for p in history.glob("v*") if not p.name.endswith("-rolled-back")] if history.is_dir() else []
+        matching = [p for p in kept if p.name.endswith(f"-{(parent_digest or '')[:12]}")] if parent_digest else []
+        if not matching:
+            raise InspectError(f"{bundle.path}: version {version_number(bundle.record)} has no parent kept in "
+                               f"{history}" + ("" if parent_digest else " (it was not taught: nothing to roll back)"))
+        parent = load_bundle(matching[0])  # verified before anything moves
+        staging = staging_dir(bundle.path)
+        try:
+            shutil.copytree(parent.path, staging, dirs_exist_ok=True)
+            rolled_back = history / f"{version_name(bundle.record)}-rolled-back"
+            shutil.rmtree(rolled_back, ignore_errors=True)
+            shutil.copytree(bundle.path, rolled_back)
+            replace_dir(staging, bundle.path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(parent.path)
     return load_bundle(bundle.path)

@@ -194,6 +194,8 @@ def add_int8_model(bundle: Bundle, calibration: list[Path], labelled: tuple[list
         quant_pre_process(str(bundle.model_file), str(prepared), skip_symbolic_shape=True)
         model = onnx.load(str(prepared))
         stages = backbone_stages(model)
+        if not stages:
+            raise Int8Refused(f"{bundle.model_file}: no convolution to quantize", [])
         attempts = []
         for kept in range(len(stages)):  # the last stage stays INT8: with none, there is no INT8 model
             float_convs = [name for stage in stages[:kept] for name in stage]

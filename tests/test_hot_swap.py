@@ -127,3 +127,30 @@ def test_teaching_a_running_line_swaps_versions_without_losing_or_repeating_a_fr
     bundle_alarms = [a for a in alarms if a["kind"] == "bundle"]
     assert bundle_alarms and all(a["cleared_at"] for a in bundle_alarms)
     assert "bundle version 2 in use" in output and "version 2 keeps inspecting" in output
+
+
+def test_a_version_copied_in_file_by_file_is_taken_once_its_model_arrives(line, lamp_frames, tmp_path):
+    """bundle.json arriving before model.onnx (a cp -r or rsync into the folder) is refused at first, and taken
+    when the model is there, without bundle.json changing again: refused versions are tried again."""
+    taught = tmp_path / "taught" / "bundle"
+    shutil.copytree(line, taught)
+    assert CliRunner().invoke(teach_app, [str(taught), "--good", str(lamp_frames)]).exit_code == 0
+    loop = Loop(Inspector(load_bundle(line)))
+    alarms = []
+    swap = HotSwap(loop, line, Inspector, alarms.append, poll_s=0.05)
+    swap.RETRY_S = 0.3
+    swap.start()
+    try:
+        shutil.copy(taught / "bundle.json", line / "bundle.json")
+        deadline = time.monotonic() + 30
+        while not alarms:
+            assert time.monotonic() < deadline, "the refusal"
+            time.sleep(0.05)
+        assert "sha256 does not match" in alarms[0] and loop.inspector.version == 1
+        shutil.copy(taught / "model.onnx", line / "model.onnx")
+        while loop.inspector.version != 2:
+            assert time.monotonic() < deadline, "the retry"
+            time.sleep(0.05)
+        assert alarms[-1] is None
+    finally:
+        swap.stop()

@@ -82,7 +82,7 @@ def test_a_new_lamp_taught_on_twelve_frames_passes_the_others_and_still_catches_
     added = version["taught"]["entries_added"]
     assert 0 < added <= np.ceil(MAX_NEW_SHARE * (len(bank) - added)) and len(bank) == version["taught"]["bank_entries"]
     assert record["thresholds"]["source"].startswith("validation")
-    kept = versions_dir(bundle_copy) / "v1"
+    kept = versions_dir(bundle_copy) / f"v1-{parent['files']['model.onnx']['sha256'][:12]}"
     assert json.loads((kept / "bundle.json").read_text()) == parent
 
 
@@ -96,10 +96,10 @@ def test_rollback_restores_the_parent_exactly(bundle_copy, lamp_frames, mvtec_li
     assert (bundle_copy / "bundle.json").read_text() == parent_record
     assert (bundle_copy / "model.onnx").read_bytes() == parent_model
     assert all(verdicts(bundle_copy, check_dir))
-    assert (versions_dir(bundle_copy) / "v2-rolled-back" / "bundle.json").is_file()
-    assert not (versions_dir(bundle_copy) / "v1").exists()
+    assert [p.name.split("-")[0] + "-" + p.name.split("-")[-1] for p in versions_dir(bundle_copy).iterdir()] == \
+        ["v2-back"]  # the taught version kept as rolled back, its parent back in place
     result = invoke(teach_app, bundle_copy, "--rollback")
-    assert result.exit_code == 2 and "no earlier version kept" in result.output
+    assert result.exit_code == 2 and "it was not taught: nothing to roll back" in result.output
 
 
 def test_teaching_the_defects_themselves_is_refused_by_the_guard(bundle_copy, mvtec_like):
@@ -209,3 +209,24 @@ def test_the_fp16_model_is_taught_too_and_the_engine_built_again(kind_bundle, la
     for name in ("model.onnx", taught["fp16_model_file"]):
         bank = next(i for i in onnx.load(str(bundle_dir / name)).graph.initializer if i.name == BANK)
         assert bank.data_type == onnx.TensorProto.FLOAT and bank.dims[0] == taught["version"]["taught"]["bank_entries"]
+
+
+def test_rollback_finds_the_parent_by_its_digest_not_by_number(bundle_copy, lamp_frames, tmp_path):
+    """Versions of an older export kept beside a freshly copied bundle are not its parents: teaching the fresh one
+    and rolling back restores the fresh one, and a second rollback has nothing to restore."""
+    teach_dir, _ = lamp_frames
+    fresh = (bundle_copy / "model.onnx").read_bytes()
+    stale = versions_dir(bundle_copy) / "v4-0123456789ab"
+    shutil.copytree(bundle_copy, stale)  # another model's history, of a higher number
+    assert invoke(teach_app, bundle_copy, "--good", teach_dir).exit_code == 0
+    assert invoke(teach_app, bundle_copy, "--rollback").exit_code == 0
+    assert (bundle_copy / "model.onnx").read_bytes() == fresh and stale.is_dir()
+
+
+def test_one_teaching_at_a_time(bundle_copy, lamp_frames):
+    from edgeinspect.calibration.teach import teaching_lock
+
+    teach_dir, _ = lamp_frames
+    with teaching_lock(bundle_copy):
+        result = invoke(teach_app, bundle_copy, "--good", teach_dir)
+    assert result.exit_code == 2 and "another teaching or rollback of it is running" in result.output

@@ -122,3 +122,14 @@ def test_labels_need_the_token_json_a_known_label_and_a_kept_frame(tmp_path):
         assert sorted(p.name for p in (tmp_path / "labels").rglob("*.*")) == ["run-7.json", "run-7.png"]
     finally:
         view.close()
+
+
+def test_a_line_with_trust_does_not_teach_from_the_page(tmp_path):
+    """A taught version must be signed to run under --trust, and the page holds no key: it says how instead."""
+    import pytest
+
+    from edgeinspect.runtime.commands.run import teacher
+    from edgeinspect.runtime.console import InspectError
+
+    with pytest.raises(InspectError, match=r"runs with --trust: a taught version must be signed.*--sign KEY"):
+        teacher(tmp_path / "bundle", [tmp_path / "line.pub"])(tmp_path / "good", None)

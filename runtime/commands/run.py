@@ -22,7 +22,7 @@ from edgeinspect.runtime.console import (InspectError, RateLimitedWarning, comma
 from edgeinspect.runtime.files import atomic_write_json, writable_dir
 from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads, inspect_until_done
 from edgeinspect.runtime.inference.bundle import load_bundle
-from edgeinspect.runtime.inference.hot_swap import HotSwap
+from edgeinspect.runtime.inference.hot_swap import HotSwap, bundle_fingerprint
 from edgeinspect.runtime.inference.images import list_images
 from edgeinspect.runtime.inference.inspector import Inspector
 from edgeinspect.runtime.outputs.collect import CollectSink
@@ -190,6 +190,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         check_bindable(modbus)
     max_bytes = parse_bytes(max_disk, "--max-disk") if max_disk else None
     rotate_bytes, rotate_daily = log_rotation(log_rotate, max_bytes)
+    first_seen = bundle_fingerprint(bundle_dir)  # before loading: a version written meanwhile is taken in
     bundle = load_bundle(bundle_dir, trust=trust)
     if bundle.thresholds is None:
         warn(f"{bundle_dir} is not calibrated: scores only, no verdicts (run inspect-calibrate)")
@@ -208,6 +209,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         chosen = inspector.backend
         console.print(escape(f"run {run_id}, backend {chosen.name} ({inspector.precision})" + "".join(
             f"; not {name}: {why}" for name, why in chosen.passed_over.items())))
+        in_use = {"backend": chosen.name}  # the backend of the version inspecting now
         stop = threading.Event()
         condition = threading.Condition()
         grabbers = Grabbers([Grabber(frames, mode.value, stop, queue_size=max(8, 2 * batch), label=label,
@@ -218,7 +220,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             counters = {g.label: {"dropped": g.dropped, "reconnects": g.source.reconnects} for g in grabbers.grabbers}
             return {**stats.summary(sum(c["dropped"] for c in counters.values()),
                                     sum(c["reconnects"] for c in counters.values()), counters),
-                    "run": run_id, "backend": chosen.name}
+                    "run": run_id, "backend": in_use["backend"]}
 
         if mqtt:  # the broker's address and the queue file checked before anything is written to --out
             from edgeinspect.runtime.outputs.mqtt import DiskQueue, MqttSink, parse_mqtt_url
@@ -262,9 +264,11 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             every_s = collect_every if collect_every is not None else (1.0 if mode == Mode.latest else 0.0)
             outputs.sinks.append(CollectSink(collect_good, collect, every_s, run_id, bundle_dir))
         frame_loop = FrameLoop(inspector, outputs, stats, run_id)
+        del inspector  # the frame loop holds the version in use; a swapped-out one is freed
         hot_swap = HotSwap(frame_loop, bundle_dir, lambda new: Inspector(new, backend, threads, precision),
-                           health.bundle_problem, trust)
+                           health.bundle_problem, trust, seen=first_seen)
         hot_swap.taken += [lambda new: health.use_thresholds(new.bundle.thresholds),
+                           lambda new: in_use.update(backend=new.backend.name),
                            lambda new: about.update(about_run(bundle_dir, new.bundle, new.backend.name, run_id,
                                                               mode.value))]
         count = max(batch, len(opened)) if mode == Mode.every else len(opened)
@@ -274,7 +278,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             try:
                 hot_swap.start()
                 grabbers.start()
-                service.ready(f"run {run_id}, backend {chosen.name}, {len(opened)} source(s)")
+                service.ready(f"run {run_id}, backend {in_use['backend']}, {len(opened)} source(s)")
                 inspect_until_done(grabbers, frame_loop, stop, count, max_frames, service.alive)
             finally:
                 service.stopping()
@@ -295,6 +299,9 @@ def teacher(bundle_dir: Path, trust: list[Path] | None) -> Callable[[Path, Path 
     def teach_labelled(good: Path, defects: Path | None) -> int:
         from edgeinspect.calibration.teach import teach
 
+        if trust:
+            raise InspectError(f"this line runs with --trust: a taught version must be signed, which the page cannot "
+                               f"do; teach from a shell: inspect-teach {bundle_dir} --good {good} --sign KEY")
         taught = teach(bundle_dir, list_images(good), list_images(defects) if defects else [], "operator page", trust)
         return taught.record["version"]["number"]
     return teach_labelled

@@ -6,6 +6,7 @@ version that scored it. A version that fails is refused with an alarm saying why
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,11 +34,16 @@ class HotSwap:
     opened the first (same backend and precision asked); `alarm(message)` raises the bundle alarm, `alarm(None)`
     clears it."""
 
+    RETRY_S = 10.0  # a refused version is tried again this often (a copy into the folder may still be arriving)
+
     def __init__(self, target, bundle_dir: Path, open_inspector: Callable[[Bundle], Inspector],
-                 alarm: Callable[[str | None], None], trust: list[Path] | None = None, poll_s: float = 1.0):
+                 alarm: Callable[[str | None], None], trust: list[Path] | None = None, poll_s: float = 1.0,
+                 seen: tuple[int, int, int] | None = None):
+        """`seen`: bundle.json's fingerprint when the running version was loaded (default: now)."""
         self.target, self.bundle_dir, self.open_inspector = target, Path(bundle_dir), open_inspector
         self.alarm, self.trust, self.poll_s = alarm, trust, poll_s
-        self.seen = bundle_fingerprint(self.bundle_dir)
+        self.seen = seen or bundle_fingerprint(self.bundle_dir)
+        self.refused_at: float | None = None
         self.asked = threading.Event()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
@@ -61,11 +67,12 @@ class HotSwap:
         while not self.stopping.is_set():
             self.asked.wait(self.poll_s)
             fingerprint = bundle_fingerprint(self.bundle_dir)
-            if fingerprint is None or not (self.asked.is_set() or fingerprint != self.seen):
+            retry = self.refused_at is not None and time.monotonic() - self.refused_at >= self.RETRY_S
+            if fingerprint is None or not (self.asked.is_set() or fingerprint != self.seen or retry):
                 continue
             self.asked.clear()
             self.seen = fingerprint
-            self.swap()
+            self.refused_at = None if self.swap() else time.monotonic()
 
     def swap(self) -> bool:
         """Load, check and warm the bundle as it is now, and hand it to the frame loop; False if refused."""

@@ -236,7 +236,10 @@ class Health:
 
     def bundle_problem(self, message: str | None) -> None:
         """A new bundle version refused (`message`: why), or taken (None: the alarm clears)."""
-        self._clear("bundle")  # each refusal is told, with its own reason
+        active = self.active.get("bundle")
+        if active is not None and active["message"] == message:
+            return  # the same refusal, tried again: said once
+        self._clear("bundle")  # each other refusal is told, with its own reason
         if message is not None:
             self._raise("bundle", "bundle", None, message)
 

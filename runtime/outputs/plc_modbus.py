@@ -84,6 +84,7 @@ class ModbusOutput(Sink):
         self.counts = {label: [0, 0] for label in sources}  # frames, NG
         self.warn = RateLimitedWarning()
         self.clients = 0
+        self.pulses: dict[int, int] = {}  # NG pulses started per coil
         self.next_beat = time.monotonic() + 1.0
         registers = BLOCK + BLOCK_SIZE * len(sources)
         device = SimDevice(id=DEVICE_ID, simdata=(
@@ -136,14 +137,21 @@ class ModbusOutput(Sink):
 
     def _post(self, coroutine) -> None:
         """Hand an update to the server's loop without waiting for it."""
+        if not self.thread.is_alive():  # nothing would run it: said, and not queued up without end
+            coroutine.close()
+            if not self.stopping:
+                self.warn("modbus", f"the Modbus server on {self.host}:{self.port} has stopped; the PLC gets no "
+                                    "verdicts")
+            return
         try:
             asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         except RuntimeError:  # the loop has closed (the run is ending)
             coroutine.close()
 
-    async def _pulse_off(self, coil: int) -> None:
+    async def _pulse_off(self, coil: int, pulse: int) -> None:
         await asyncio.sleep(self.pulse_s)
-        await self._set(COILS, coil, [False])
+        if self.pulses[coil] == pulse:  # no NG came since: a later one gets its whole pulse
+            await self._set(COILS, coil, [False])
 
     def handle(self, item: Inspected) -> None:
         record = item.record
@@ -166,7 +174,8 @@ class ModbusOutput(Sink):
         if verdict == "NG":
             self._post(self._set(COILS, 2 * i, [True]))
             if self.ng_mode == "pulse":
-                self._post(self._pulse_off(2 * i))
+                self.pulses[2 * i] = self.pulses.get(2 * i, 0) + 1
+                self._post(self._pulse_off(2 * i, self.pulses[2 * i]))
 
     def close(self) -> None:
         if self.stopping:
@@ -177,3 +186,5 @@ class ModbusOutput(Sink):
             pass
         self.stopping = True
         self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
