@@ -180,14 +180,13 @@ def test_the_bank_grows_to_twice_its_trained_size_at_most(bundle_copy, lamp_fram
     assert load_bundle(bundle_copy).record["version"]["number"] == 2 and trained != load_bundle(bundle_copy).record
 
 
+@pytest.mark.parametrize("kind_bundle", ["patchcore"], indirect=True)
 def test_the_fp16_model_is_taught_too_and_the_engine_built_again(kind_bundle, lamp_frames, tmp_path, monkeypatch):
     """A PatchCore bundle with its fp16 model and an fp16 engine: both ONNX models get the new bank (the fp16
     model keeps the bank in fp32), and where TensorRT is present the engine is built again from the fp16 model
     (the builder stood in for: no GPU here); the INT8 model is dropped with the command that remakes it."""
     from edgeinspect.export import device_export
 
-    if load_bundle(kind_bundle).record["model"] != "patchcore":
-        pytest.skip("PatchCore only")
     bundle_dir = tmp_path / "bundle"
     shutil.copytree(kind_bundle, bundle_dir)
     record = json.loads((bundle_dir / "bundle.json").read_text())

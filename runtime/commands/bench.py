@@ -181,11 +181,11 @@ def bench(
     table = Table("backend", "ms/frame (batch 1)", f"frames/s (batch {batch})", title=f"{bundle_dir} on this machine")
     results, opened = {"backends": {}}, {}
     precisions = ["fp32"] + (["int8"] if bundle.record.get("int8_model_file") else [])
-    labels = [name if model == "fp32" else f"{name} int8" for model in precisions for name in BACKENDS]
-    for label in labels:  # every backend at every precision the bundle has, in turns
-        name, _, model = label.partition(" ")
+    runs_of = {name if model == "fp32" else f"{name} int8": (name, model) for model in precisions for name in BACKENDS}
+    labels = list(runs_of)
+    for label, (name, model) in runs_of.items():  # every backend at every precision the bundle has, in turns
         try:
-            opened[label] = open_backend(bundle, name, threads, model or "fp32")
+            opened[label] = open_backend(bundle, name, threads, model)
         except BackendUnavailable as reason:
             results["backends"][label] = {"unavailable": str(reason)}
     singles = interleaved_median_ms({name: functools.partial(backend, images[:1]) for name, backend in opened.items()},

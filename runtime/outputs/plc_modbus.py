@@ -153,6 +153,17 @@ class ModbusOutput(Sink):
         if self.pulses[coil] == pulse:  # no NG came since: a later one gets its whole pulse
             await self._set(COILS, coil, [False])
 
+    async def _publish(self, i: int, registers: list[int], verdict: str | None, pulse: int | None) -> None:
+        """One frame's values, posted once to the server's loop: its registers, the OK coil, the NG coil (and the
+        end of its pulse)."""
+        await self._set(HOLDING, BLOCK + BLOCK_SIZE * i, registers)
+        if verdict in ("OK", "NG"):
+            await self._set(COILS, 2 * i + 1, [verdict == "OK"])
+        if verdict == "NG":
+            await self._set(COILS, 2 * i, [True])
+            if pulse is not None:
+                self.loop.create_task(self._pulse_off(2 * i, pulse))
+
     def handle(self, item: Inspected) -> None:
         record = item.record
         label = record.get("source", "")
@@ -163,19 +174,13 @@ class ModbusOutput(Sink):
         counts = self.counts[label]
         counts[0] = (counts[0] + (not item.skipped)) % 65536
         counts[1] = (counts[1] + (verdict == "NG")) % 65536
-        base = BLOCK + BLOCK_SIZE * i
-        self._post(self._set(HOLDING, base, [counts[0], counts[1], VERDICT_CODES.get(verdict, 0),
-                                             register_value(record.get("score")),
-                                             register_value(record.get("threshold")),
-                                             int(record.get("version") or 0) % 65536,
-                                             int(record.get("seq", 0)) % 65536]))
-        if verdict in ("OK", "NG"):
-            self._post(self._set(COILS, 2 * i + 1, [verdict == "OK"]))
-        if verdict == "NG":
-            self._post(self._set(COILS, 2 * i, [True]))
-            if self.ng_mode == "pulse":
-                self.pulses[2 * i] = self.pulses.get(2 * i, 0) + 1
-                self._post(self._pulse_off(2 * i, self.pulses[2 * i]))
+        pulse = None
+        if verdict == "NG" and self.ng_mode == "pulse":
+            pulse = self.pulses[2 * i] = self.pulses.get(2 * i, 0) + 1
+        self._post(self._publish(i, [counts[0], counts[1], VERDICT_CODES.get(verdict, 0),
+                                     register_value(record.get("score")), register_value(record.get("threshold")),
+                                     int(record.get("version") or 0) % 65536, int(record.get("seq", 0)) % 65536],
+                                 verdict, pulse))
 
     def close(self) -> None:
         if self.stopping:
