@@ -92,6 +92,8 @@ save = "none"
      'line.toml: mqtt.password must be a reference, { env = "NAME" }, { file = "PATH" } or { credential = "NAME" }'),
     ('[mqtt]\nurl = "mqtt://b/p"\nusername = "u"\npassword = { env = "EDGE_INSPECT_TEST_UNSET" }\n',
      "line.toml: mqtt.password refers to the environment variable EDGE_INSPECT_TEST_UNSET, which is not set"),
+    ('[opcua]\nendpoint = "opc.tcp://0.0.0.0:4840"\nusername = "plc"\npassword = "hunter2"\n',
+     'line.toml: opcua.password must be a reference, { env = "NAME" }, { file = "PATH" } or { credential = "NAME" }'),
     ('[[sources]]\nsource = "rtsp://cam/1"\npassword = { env = "X" }\n',
      "line.toml: sources[0].password needs sources[0].username"),
     ('[alarms]\nstall_s = -1\n', "line.toml: alarms.stall_s must be a number above 0, got -1"),
@@ -122,21 +124,24 @@ def test_secrets_come_from_the_environment_a_file_or_a_systemd_credential(tmp_pa
 def test_print_config_writes_the_flags_as_a_file_without_their_passwords(patchcore_bundle, mvtec_like, tmp_path,
                                                                          monkeypatch):
     """Today's flags → --print-config → a file that runs the same line; the camera's and the broker's passwords
-    are written as references to environment variables, never as themselves."""
+    (and the OPC UA one) are written as references to environment variables, never as themselves."""
     pasted = mvtec_like / "test" / "pasted"
     args = [patchcore_bundle, "--source", pasted, "--source", "rtsp://admin:s3cret@cam1:554/live", "--save", "all",
-            "--batch", 2, "--mqtt", "mqtt://broker/line1", "--mqtt-username", "line", "--mqtt-password", "hunter2"]
+            "--batch", 2, "--mqtt", "mqtt://broker/line1", "--mqtt-username", "line", "--mqtt-password", "hunter2",
+            "--opcua", "opc.tcp://0.0.0.0:4840", "--opcua-username", "plc", "--opcua-password", "opc-pw-7"]
     result = subprocess.run([sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()",
                              *map(str, args), "--print-config"], capture_output=True, text=True, check=True)
-    assert "s3cret" not in result.stdout + result.stderr and "hunter2" not in result.stdout + result.stderr
+    assert not [word for word in ("s3cret", "hunter2", "opc-pw-7") if word in result.stdout + result.stderr]
     record = tomllib.loads(result.stdout)
     assert record["sources"][1] == {"source": "rtsp://cam1:554/live", "username": "admin",
                                     "password": {"env": "EDGE_INSPECT_SOURCE_2_PASSWORD"}}
     assert record["mqtt"]["password"] == {"env": "EDGE_INSPECT_MQTT_PASSWORD"}
+    assert record["opcua"] == {"endpoint": "opc.tcp://0.0.0.0:4840", "username": "plc",
+                               "password": {"env": "EDGE_INSPECT_OPCUA_PASSWORD"}}
     assert record["capture"] == {"batch": 2} and record["outputs"] == {"save": "all"}
     assert "EDGE_INSPECT_SOURCE_2_PASSWORD" in result.stderr
 
-    del record["sources"][1], record["mqtt"]  # no camera nor broker here: the folder alone, as the flags would
+    del record["sources"][1], record["mqtt"], record["opcua"]  # no camera nor broker here: the folder alone, as the flags would
     import tomli_w
     config = write_config(tmp_path / "line.toml", tomli_w.dumps(record))
     run_line(["--config", config, "--out", tmp_path / "from-file"])

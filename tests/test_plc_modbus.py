@@ -171,18 +171,3 @@ def test_an_address_in_use_is_a_one_line_error(patchcore_bundle, mvtec_like, tmp
         result = CliRunner().invoke(run_app, [str(patchcore_bundle), "--source", str(mvtec_like / "test" / "good"),
                                               "--out", str(tmp_path), "--modbus", f"127.0.0.1:{port}"])
     assert result.exit_code == 2 and "Address already in use" in result.output, result.output
-
-
-def test_the_operators_page_says_which_plcs_are_connected(patchcore_bundle, mvtec_like, tmp_path):
-    """stats.json (the page's footer) names the Modbus address and counts the clients connected to it."""
-    from test_operator_page import inspect_run, stats_of, wait_until
-
-    port = free_port()
-    with inspect_run(patchcore_bundle, tmp_path / "out", "--source", mvtec_like / "test" / "good", "--watch",
-                     "--modbus", f"127.0.0.1:{port}") as run:
-        assert wait_until(lambda: stats_of(run)["plc"], 30, "the PLC status") == {"modbus": f"127.0.0.1:{port}",
-                                                                                 "clients": 0}
-        plc = connect(port)
-        wait_until(lambda: stats_of(run)["plc"]["clients"] == 1, 30, "one client")
-        plc.close()
-        wait_until(lambda: stats_of(run)["plc"]["clients"] == 0, 30, "no client")

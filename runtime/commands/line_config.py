@@ -20,7 +20,9 @@ from edgeinspect.runtime.console import InspectError, warn
 from edgeinspect.runtime.outputs.health import Limits
 from edgeinspect.runtime.schema import check_record, strict_validator
 
-MQTT_PASSWORD_ENV = "EDGE_INSPECT_MQTT_PASSWORD"
+# inspect-run's password options → where the file holds them, and the environment variable --print-config names
+PASSWORDS = {"mqtt_password": ("mqtt.password", "EDGE_INSPECT_MQTT_PASSWORD"),
+             "opcua_password": ("opcua.password", "EDGE_INSPECT_OPCUA_PASSWORD")}
 
 _SECRET = {
     "type": "object", "x-secret": True, "minProperties": 1, "maxProperties": 1, "additionalProperties": False,
@@ -85,6 +87,9 @@ LINE_SCHEMA = {
         "modbus": _section({"address": {**_TEXT, "x-message": "HOST:PORT, e.g. 0.0.0.0:5020"},
                             "ng": {"enum": ["latched", "pulse"], "x-message": "latched or pulse"},
                             "pulse_ms": _whole(10, 60000)}),
+        "opcua": _section({"endpoint": {**_TEXT, "x-message": "opc.tcp://HOST:PORT, e.g. opc.tcp://0.0.0.0:4840"},
+                           "username": _TEXT, "password": _SECRET,
+                           "pki": {**_TEXT, "x-message": "the folder of the server's certificates (a path)"}}),
         "alarms": _section(_LIMITS),
         "trust": {"type": "array", "minItems": 1, "items": _TEXT,
                   "x-message": "a list of public key files whose signature the bundle must carry"},
@@ -104,9 +109,11 @@ OPTION_KEYS = {
     "mqtt_cert": ("mqtt", "cert"), "mqtt_key": ("mqtt", "key"), "mqtt_queue": ("mqtt", "queue"),
     "mqtt_heartbeat": ("mqtt", "heartbeat"), "backend": ("inference", "backend"), "threads": ("inference", "threads"),
     "trust": ("trust",), "precision": ("inference", "precision"), "modbus": ("modbus", "address"),
-    "modbus_ng": ("modbus", "ng"), "modbus_pulse_ms": ("modbus", "pulse_ms"),
+    "modbus_ng": ("modbus", "ng"), "modbus_pulse_ms": ("modbus", "pulse_ms"), "opcua": ("opcua", "endpoint"),
+    "opcua_username": ("opcua", "username"), "opcua_password": ("opcua", "password"), "opcua_pki": ("opcua", "pki"),
 }
-PATH_OPTIONS = {"bundle_dir", "out", "collect_good", "mqtt_ca", "mqtt_cert", "mqtt_key", "view_token_file"}
+PATH_OPTIONS = {"bundle_dir", "out", "collect_good", "mqtt_ca", "mqtt_cert", "mqtt_key", "view_token_file",
+                "opcua_pki"}
 
 
 def read_line_config(path: Path) -> dict:
@@ -162,8 +169,8 @@ def apply_line_config(options: dict, given: set[str], path: Path) -> tuple[dict,
         value = _lookup(record, keys)
         if value is None or option in given:
             continue
-        if option == "mqtt_password":
-            value = resolve_secret(value, "mqtt.password", Path(path))
+        if option in PASSWORDS:
+            value = resolve_secret(value, PASSWORDS[option][0], Path(path))
         elif option in PATH_OPTIONS:
             value = folder / value
         elif option == "trust":
@@ -196,10 +203,10 @@ def print_config(options: dict, defaults: dict) -> str:
         value = options.get(option)
         if value is None or (isinstance(value, (list, tuple)) and not value) or value == defaults.get(option):
             continue
-        if option == "mqtt_password":
-            value = {"env": MQTT_PASSWORD_ENV}
-            warn(f"the MQTT password is written as {{ env = \"{MQTT_PASSWORD_ENV}\" }}: set it in the service's "
-                 "environment")
+        if option in PASSWORDS:
+            key, variable = PASSWORDS[option]
+            value = {"env": variable}
+            warn(f"{key} is written as {{ env = \"{variable}\" }}: set it in the service's environment")
         section = record
         for key in keys[:-1]:
             section = section.setdefault(key, {})

@@ -128,6 +128,14 @@ def run(
     modbus_ng: str = typer.Option("latched", "--modbus-ng", help="The NG coil: latched (until the PLC writes 0) or "
                                   "pulse."),
     modbus_pulse_ms: int = typer.Option(500, "--modbus-pulse-ms", help="How long a pulsed NG coil stays set."),
+    opcua: str = typer.Option(None, "--opcua", help="Serve the verdicts to the line's PLC over OPC UA on "
+                              "opc.tcp://HOST:PORT (e.g. opc.tcp://0.0.0.0:4840; README, \"The PLC\")."),
+    opcua_username: str = typer.Option(None, "--opcua-username", help="The OPC UA user name (needed beyond "
+                                       "loopback; with it, only signed and encrypted endpoints)."),
+    opcua_password: str = typer.Option(None, "--opcua-password", envvar="EDGE_INSPECT_OPCUA_PASSWORD",
+                                       help="The OPC UA password (or $EDGE_INSPECT_OPCUA_PASSWORD)."),
+    opcua_pki: Path = typer.Option(None, "--opcua-pki", help="The OPC UA server's key and certificate (made on "
+                                   "first use) and trusted/ and rejected/ client certificates (default: OUT/opcua-pki)."),
     backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, ort-tensorrt, ort-cuda, openvino or ort-cpu."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for inference (default: all cores)."),
     precision: str = typer.Option("auto", "--precision", help="fp32 or int8 (auto: what the thresholds were "
@@ -162,7 +170,9 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                  mqtt_cert: Path | None, mqtt_key: Path | None, mqtt_queue: int, mqtt_heartbeat: float, backend: str,
                  threads: int | None, precision: str = "auto", trust: list[Path] | None = None,
                  source_names: list[str] | None = None, limits: Limits = Limits(), modbus: str | None = None,
-                 modbus_ng: str = "latched", modbus_pulse_ms: int = 500) -> None:
+                 modbus_ng: str = "latched", modbus_pulse_ms: int = 500, opcua: str | None = None,
+                 opcua_username: str | None = None, opcua_password: str | None = None,
+                 opcua_pki: Path | None = None) -> None:
     """One line's run, from inspect-run's options (flags, a line config file, or both)."""
     save, mode = Save(save), Mode(mode)
     if bundle_dir is None:
@@ -188,6 +198,12 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
 
         check_modbus_options(modbus, modbus_ng, modbus_pulse_ms)
         check_bindable(modbus)
+    if opcua:
+        from edgeinspect.runtime.outputs.plc_opcua import check_opcua_options, parse_opcua_endpoint
+        from edgeinspect.runtime.outputs.server_loop import check_bindable as check_listening
+
+        check_opcua_options(opcua, opcua_username, opcua_password)
+        check_listening(*parse_opcua_endpoint(opcua), f"--opcua {opcua}")
     max_bytes = parse_bytes(max_disk, "--max-disk") if max_disk else None
     rotate_bytes, rotate_daily = log_rotation(log_rotate, max_bytes)
     first_seen = bundle_fingerprint(bundle_dir)  # before loading: a version written meanwhile is taken in
@@ -237,12 +253,19 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                         [shown_url(text) for text in sources], limits)
         health.listeners += [console_listener, log_listener(log, run_id)]  # and MQTT's PREFIX/alarms below
         about = about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)
-        plc = None
+        plcs = []  # the servers the PLC reads
         if modbus:
             from edgeinspect.runtime.outputs.plc_modbus import ModbusOutput
 
-            plc = ModbusOutput(modbus, labels, modbus_ng, modbus_pulse_ms)
-            outputs.sinks.append(plc)
+            plcs.append(ModbusOutput(modbus, labels, modbus_ng, modbus_pulse_ms))
+        if opcua:
+            from edgeinspect.runtime.outputs.plc_opcua import OpcUaOutput
+
+            opcua_server = OpcUaOutput(opcua, labels, run_id, bundle, opcua_pki or out / "opcua-pki",
+                                       opcua_username, opcua_password)
+            plcs.append(opcua_server)
+            health.listeners.append(opcua_server.alarm)
+        outputs.sinks += plcs
         if view is not None:
             token_file = view_token_file or (None if is_loopback(view_host) else out / TOKEN_FILE)
             token = load_or_create_token(token_file) if token_file else None
@@ -252,7 +275,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             console.print(f"live view on {live_view.url}" + (f" (sign in with the token in {token_file})"
                                                              if token else ""))
             outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
-                                              about, plc))
+                                              about, plcs))
         if mqtt:
             publisher = MqttSink(target, out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
                                  mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key)
@@ -267,6 +290,8 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         del inspector  # the frame loop holds the version in use; a swapped-out one is freed
         hot_swap = HotSwap(frame_loop, bundle_dir, lambda new: Inspector(new, backend, threads, precision),
                            health.bundle_problem, trust, seen=first_seen)
+        if opcua:
+            hot_swap.taken.append(lambda new: opcua_server.use_bundle(new.bundle))
         hot_swap.taken += [lambda new: health.use_thresholds(new.bundle.thresholds),
                            lambda new: in_use.update(backend=new.backend.name),
                            lambda new: about.update(about_run(bundle_dir, new.bundle, new.backend.name, run_id,

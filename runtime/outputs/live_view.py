@@ -464,9 +464,9 @@ class LiveViewSink(Sink):
     SUMMARY_FRESH_S = 2.0
 
     def __init__(self, view: LiveView, summary, stats=None, grabbers=(), health=None, about: dict | None = None,
-                 plc=None):
+                 plcs=()):
         self.view, self.summary, self.stats, self.health = view, summary, stats, health
-        self.plc = plc  # the Modbus server (its status() for the footer), or None
+        self.plcs = list(plcs)  # the servers the PLC reads (their status() for the footer)
         self.grabbers = list(grabbers)
         self.about = about or {}
         self.tiles: dict[str, Tile] = {}
@@ -590,4 +590,4 @@ class LiveViewSink(Sink):
                 "version": self.about.get("version"),
                 "labels": dict(self.view.labels.counts) if self.view.labels is not None else None,
                 "teaching": dict(self.view.teaching.state) if self.view.teaching is not None else None,
-                "plc": self.plc.status() if self.plc is not None else None}
+                "plc": [server.status() for server in self.plcs]}

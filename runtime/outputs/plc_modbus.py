@@ -16,11 +16,13 @@ that loop and never waits on it, so a client that stalls, floods or drops off ne
 import asyncio
 import logging
 import math
-import socket
-import threading
 import time
 
-from edgeinspect.runtime.console import InspectError, RateLimitedWarning
+from edgeinspect.runtime.console import InspectError
+from edgeinspect.runtime.outputs.server_loop import ServerLoop
+from edgeinspect.runtime.outputs.server_loop import (
+    check_bindable as check_listening_address,
+)
 from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 DEVICE_ID = 1
@@ -50,16 +52,7 @@ def check_modbus_options(address: str, ng_mode: str, pulse_ms: int) -> None:
 
 
 def check_bindable(address: str) -> None:
-    """The address is this machine's and free: said in one line before the server starts (pymodbus itself only
-    says that listening failed)."""
-    host, port = parse_modbus_address(address)
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    except OSError as error:
-        raise InspectError(f"--modbus {address}: cannot listen there ({error.strerror or error})") from None
+    check_listening_address(*parse_modbus_address(address), f"--modbus {address}")
 
 
 def register_value(value: float | None, scale: float = 100.0) -> int:
@@ -82,7 +75,6 @@ class ModbusOutput(Sink):
         self.index = {label: i for i, label in enumerate(sources)}
         self.ng_mode, self.pulse_s = ng_mode, pulse_ms / 1000
         self.counts = {label: [0, 0] for label in sources}  # frames, NG
-        self.warn = RateLimitedWarning()
         self.clients = 0
         self.pulses: dict[int, int] = {}  # NG pulses started per coil
         self.next_beat = time.monotonic() + 1.0
@@ -93,32 +85,20 @@ class ModbusOutput(Sink):
             [SimData(0, count=registers, values=0, datatype=DataType.REGISTERS)],
             [SimData(0, count=1, values=0, datatype=DataType.REGISTERS)]))
         check_bindable(address)
-        self.loop = asyncio.new_event_loop()
-        self.stopping = False
-        started: dict = {}
-        ready = threading.Event()
 
-        async def serve():
-            try:
-                self.server = ModbusTcpServer(device, address=(self.host, self.port), trace_connect=self._connected)
-                await self.server.serve_forever(background=True)
-            except Exception as error:  # noqa: BLE001 - said by the constructor, in the caller's thread
-                started["error"] = error
-                return
-            finally:
-                ready.set()
-            await self._heartbeat()
+        async def start():
+            self.server = ModbusTcpServer(device, address=(self.host, self.port), trace_connect=self._connected)
+            await self.server.serve_forever(background=True)
+            asyncio.get_running_loop().create_task(self._heartbeat())
 
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve(),), name="modbus",
-                                       daemon=True)
-        self.thread.start()
-        if not ready.wait(start_timeout_s) or "error" in started:
-            raise InspectError(f"--modbus {address}: the Modbus server did not start ({started.get('error')})")
-        self._post(self._set(HOLDING, SOURCES, [len(sources)]))
+        self.background = ServerLoop(f"--modbus {address}", start, lambda: self.server.shutdown(),
+                                     start_timeout_s)
+        self.loop = self.background.loop
+        self.background.post(self._set(HOLDING, SOURCES, [len(sources)]))
 
     def status(self) -> dict:
         """For the operator's page: where the server listens and how many clients (PLCs) are connected."""
-        return {"modbus": f"{self.host}:{self.port}", "clients": self.clients}
+        return {"protocol": "Modbus", "address": f"{self.host}:{self.port}", "clients": self.clients}
 
     def _connected(self, connected: bool) -> None:
         self.clients += 1 if connected else -1
@@ -128,25 +108,12 @@ class ModbusOutput(Sink):
 
     async def _heartbeat(self) -> None:
         beat = 0
-        while not self.stopping:
+        while True:  # until the loop closes
             await asyncio.sleep(0.1)
             if time.monotonic() >= self.next_beat:
                 self.next_beat += 1.0
                 beat = (beat + 1) % 65536
                 await self._set(HOLDING, HEARTBEAT, [beat])
-
-    def _post(self, coroutine) -> None:
-        """Hand an update to the server's loop without waiting for it."""
-        if not self.thread.is_alive():  # nothing would run it: said, and not queued up without end
-            coroutine.close()
-            if not self.stopping:
-                self.warn("modbus", f"the Modbus server on {self.host}:{self.port} has stopped; the PLC gets no "
-                                    "verdicts")
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        except RuntimeError:  # the loop has closed (the run is ending)
-            coroutine.close()
 
     async def _pulse_off(self, coil: int, pulse: int) -> None:
         await asyncio.sleep(self.pulse_s)
@@ -177,19 +144,10 @@ class ModbusOutput(Sink):
         pulse = None
         if verdict == "NG" and self.ng_mode == "pulse":
             pulse = self.pulses[2 * i] = self.pulses.get(2 * i, 0) + 1
-        self._post(self._publish(i, [counts[0], counts[1], VERDICT_CODES.get(verdict, 0),
+        self.background.post(self._publish(i, [counts[0], counts[1], VERDICT_CODES.get(verdict, 0),
                                      register_value(record.get("score")), register_value(record.get("threshold")),
                                      int(record.get("version") or 0) % 65536, int(record.get("seq", 0)) % 65536],
                                  verdict, pulse))
 
     def close(self) -> None:
-        if self.stopping:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(timeout=5)
-        except Exception:  # noqa: BLE001 - stopping anyway: the thread is a daemon
-            pass
-        self.stopping = True
-        self.thread.join(timeout=5)
-        if not self.thread.is_alive():
-            self.loop.close()
+        self.background.close()
