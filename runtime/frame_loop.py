@@ -40,6 +40,11 @@ class LatencyStats:
         self.per_source: dict[str, dict[str, int]] = {}
         self.started = time.perf_counter()
 
+    def restart(self) -> None:
+        """Start the clock of frames/s now, as the frames start to come."""
+        with self.lock:
+            self.started = time.perf_counter()
+
     def _source(self, source: str) -> dict[str, int]:
         return self.per_source.setdefault(source, {"frames": 0, "ng": 0, "skipped": 0})
 

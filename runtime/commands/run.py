@@ -200,7 +200,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         check_bindable(modbus)
     if opcua:
         from edgeinspect.runtime.outputs.plc_opcua import check_opcua_options, parse_opcua_endpoint
-        from edgeinspect.runtime.outputs.server_loop import check_bindable as check_listening
+        from edgeinspect.runtime.outputs.plc_process import check_bindable as check_listening
 
         check_opcua_options(opcua, opcua_username, opcua_password)
         check_listening(*parse_opcua_endpoint(opcua), f"--opcua {opcua}")
@@ -253,19 +253,21 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                         [shown_url(text) for text in sources], limits)
         health.listeners += [console_listener, log_listener(log, run_id)]  # and MQTT's PREFIX/alarms below
         about = about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)
-        plcs = []  # the servers the PLC reads
-        if modbus:
-            from edgeinspect.runtime.outputs.plc_modbus import ModbusOutput
+        plc = None  # the servers the PLC reads, in a process of their own
+        if modbus or opcua:
+            from edgeinspect.runtime.outputs.plc_process import PlcServers, bundle_identity
 
-            plcs.append(ModbusOutput(modbus, labels, modbus_ng, modbus_pulse_ms))
-        if opcua:
-            from edgeinspect.runtime.outputs.plc_opcua import OpcUaOutput
-
-            opcua_server = OpcUaOutput(opcua, labels, run_id, bundle, opcua_pki or out / "opcua-pki",
-                                       opcua_username, opcua_password)
-            plcs.append(opcua_server)
-            health.listeners.append(opcua_server.alarm)
-        outputs.sinks += plcs
+            servers = []
+            if modbus:
+                servers.append(("modbus", {"address": modbus, "sources": labels, "ng_mode": modbus_ng,
+                                           "pulse_ms": modbus_pulse_ms}))
+            if opcua:
+                servers.append(("opcua", {"endpoint": opcua, "sources": labels, "run_id": run_id,
+                                          "bundle": bundle_identity(bundle), "pki": opcua_pki or out / "opcua-pki",
+                                          "username": opcua_username, "password": opcua_password}))
+            plc = PlcServers(servers)
+            outputs.sinks.append(plc)
+            health.listeners.append(plc.alarm)
         if view is not None:
             token_file = view_token_file or (None if is_loopback(view_host) else out / TOKEN_FILE)
             token = load_or_create_token(token_file) if token_file else None
@@ -275,7 +277,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             console.print(f"live view on {live_view.url}" + (f" (sign in with the token in {token_file})"
                                                              if token else ""))
             outputs.sinks.append(LiveViewSink(live_view, summary, stats, grabbers.grabbers, health,
-                                              about, plcs))
+                                              about, plc))
         if mqtt:
             publisher = MqttSink(target, out / "mqtt-queue.sqlite", run_id, summary, mqtt_queue,
                                  mqtt_heartbeat, mqtt_username, mqtt_password, mqtt_ca, mqtt_cert, mqtt_key)
@@ -290,8 +292,8 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         del inspector  # the frame loop holds the version in use; a swapped-out one is freed
         hot_swap = HotSwap(frame_loop, bundle_dir, lambda new: Inspector(new, backend, threads, precision),
                            health.bundle_problem, trust, seen=first_seen)
-        if opcua:
-            hot_swap.taken.append(lambda new: opcua_server.use_bundle(new.bundle))
+        if plc is not None:
+            hot_swap.taken.append(lambda new: plc.use_bundle(new.bundle))
         hot_swap.taken += [lambda new: health.use_thresholds(new.bundle.thresholds),
                            lambda new: in_use.update(backend=new.backend.name),
                            lambda new: about.update(about_run(bundle_dir, new.bundle, new.backend.name, run_id,
@@ -302,16 +304,18 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         with stop_on_signals(stop, hot_swap.request):
             try:
                 hot_swap.start()
+                stats.restart()  # frames/s from here: the outputs' start-up is not the line's time
                 grabbers.start()
                 service.ready(f"run {run_id}, backend {in_use['backend']}, {len(opened)} source(s)")
                 inspect_until_done(grabbers, frame_loop, stop, count, max_frames, service.alive)
             finally:
+                result = summary()  # before anything stops: the goodbyes are not the line's time
                 service.stopping()
                 stop.set()
                 hot_swap.stop()
                 grabbers.join(timeout=5)
                 outputs.close()
-                result = {**summary(), "sink_failures": outputs.failures, "deleted_files": budget.deleted}
+                result.update(sink_failures=outputs.failures, deleted_files=budget.deleted)
                 result["alarms"] = health.alarms()
                 write_summary(out / "summary.json", result)
     if grabbers.error is not None and not isinstance(grabbers.error, KeyboardInterrupt):

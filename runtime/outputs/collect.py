@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import cv2
-
 from edgeinspect.runtime.console import InspectError, console
 from edgeinspect.runtime.files import atomic_write_bytes, writable_dir
 from edgeinspect.runtime.outputs.out_folder import source_file_part

@@ -1,9 +1,8 @@
 """Each frame's verdict as a console line."""
 
-from rich.markup import escape
-
 from edgeinspect.runtime.console import console
 from edgeinspect.runtime.outputs.sinks import Inspected, Sink
+from rich.markup import escape
 
 
 class ConsoleSink(Sink):

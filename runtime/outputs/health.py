@@ -26,7 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
-
 from edgeinspect.runtime.console import RateLimitedWarning, console, warn
 from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from edgeinspect.runtime.console import InspectError
 from edgeinspect.runtime.files import atomic_write_bytes, atomic_write_json
 

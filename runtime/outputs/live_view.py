@@ -33,7 +33,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import cv2
 import numpy as np
-
 from edgeinspect.runtime.console import InspectError, RateLimitedWarning
 from edgeinspect.runtime.inference.regions import heat_overlay
 from edgeinspect.runtime.outputs.labels import LABELS, LabelStore, TeachJob, json_body
@@ -464,9 +463,9 @@ class LiveViewSink(Sink):
     SUMMARY_FRESH_S = 2.0
 
     def __init__(self, view: LiveView, summary, stats=None, grabbers=(), health=None, about: dict | None = None,
-                 plcs=()):
+                 plc=None):
         self.view, self.summary, self.stats, self.health = view, summary, stats, health
-        self.plcs = list(plcs)  # the servers the PLC reads (their status() for the footer)
+        self.plc = plc  # the servers the PLC reads (their status() for the footer), or None
         self.grabbers = list(grabbers)
         self.about = about or {}
         self.tiles: dict[str, Tile] = {}
@@ -590,4 +589,4 @@ class LiveViewSink(Sink):
                 "version": self.about.get("version"),
                 "labels": dict(self.view.labels.counts) if self.view.labels is not None else None,
                 "teaching": dict(self.view.teaching.state) if self.view.teaching is not None else None,
-                "plc": [server.status() for server in self.plcs]}
+                "plc": self.plc.status() if self.plc is not None else []}

@@ -25,7 +25,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-
 from edgeinspect.runtime.console import InspectError, RateLimitedWarning, warn
 from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 

@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
-
 from edgeinspect.runtime.console import RateLimitedWarning
 from edgeinspect.runtime.files import atomic_write_bytes
 from edgeinspect.runtime.outputs.out_folder import source_file_part

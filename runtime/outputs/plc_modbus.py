@@ -10,8 +10,8 @@ is per source, in the order of --source:
   (0 none yet, 1 OK, 2 NG, 3 skipped), the last score × 100 and the image threshold × 100 (0 to 65535), the
   bundle version, the last `seq` (low 16 bits).
 
-The server runs on an asyncio loop in a thread of its own (pymodbus); the frame loop only posts the new values to
-that loop and never waits on it, so a client that stalls, floods or drops off never delays inspection."""
+The server runs in the PLC servers' process (plc_process), on its asyncio loop: a client that stalls, floods or
+drops off never delays inspection."""
 
 import asyncio
 import logging
@@ -19,11 +19,9 @@ import math
 import time
 
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.outputs.server_loop import ServerLoop
-from edgeinspect.runtime.outputs.server_loop import (
+from edgeinspect.runtime.outputs.plc_process import (
     check_bindable as check_listening_address,
 )
-from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 DEVICE_ID = 1
 HEARTBEAT, SOURCES = 0, 1
@@ -62,43 +60,40 @@ def register_value(value: float | None, scale: float = 100.0) -> int:
     return int(min(max(round(value * scale), 0), 65535))
 
 
-class ModbusOutput(Sink):
-    def __init__(self, address: str, sources: list[str], ng_mode: str = "latched", pulse_ms: int = 500,
-                 start_timeout_s: float = 10.0):
-        from pymodbus.server import ModbusTcpServer
-        from pymodbus.simulator.simdata import DataType, SimData
-        from pymodbus.simulator.simdevice import SimDevice
+class ModbusServer:
+    """One frame's result at a time (plc_process's), on the loop it was started on."""
 
+    def __init__(self, address: str, sources: list[str], ng_mode: str = "latched", pulse_ms: int = 500):
         check_modbus_options(address, ng_mode, pulse_ms)
-        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its own lines would interleave the console's
+        self.address = address
         self.host, self.port = parse_modbus_address(address)
         self.index = {label: i for i, label in enumerate(sources)}
         self.ng_mode, self.pulse_s = ng_mode, pulse_ms / 1000
         self.counts = {label: [0, 0] for label in sources}  # frames, NG
         self.clients = 0
         self.pulses: dict[int, int] = {}  # NG pulses started per coil
-        self.next_beat = time.monotonic() + 1.0
-        registers = BLOCK + BLOCK_SIZE * len(sources)
+
+    async def start(self) -> None:
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator.simdata import DataType, SimData
+        from pymodbus.simulator.simdevice import SimDevice
+
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its own lines would interleave the console's
+        check_bindable(self.address)
+        registers = BLOCK + BLOCK_SIZE * len(self.index)
         device = SimDevice(id=DEVICE_ID, simdata=(
-            [SimData(0, count=2 * len(sources), values=False, datatype=DataType.BITS)],
+            [SimData(0, count=2 * len(self.index), values=False, datatype=DataType.BITS)],
             [SimData(0, count=1, values=False, datatype=DataType.BITS)],
             [SimData(0, count=registers, values=0, datatype=DataType.REGISTERS)],
             [SimData(0, count=1, values=0, datatype=DataType.REGISTERS)]))
-        check_bindable(address)
-
-        async def start():
-            self.server = ModbusTcpServer(device, address=(self.host, self.port), trace_connect=self._connected)
-            await self.server.serve_forever(background=True)
-            asyncio.get_running_loop().create_task(self._heartbeat())
-
-        self.background = ServerLoop(f"--modbus {address}", start, lambda: self.server.shutdown(),
-                                     start_timeout_s)
-        self.loop = self.background.loop
-        self.background.post(self._set(HOLDING, SOURCES, [len(sources)]))
+        self.server = ModbusTcpServer(device, address=(self.host, self.port), trace_connect=self._connected)
+        await self.server.serve_forever(background=True)
+        await self._set(HOLDING, SOURCES, [len(self.index)])
+        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
 
     def status(self) -> dict:
         """For the operator's page: where the server listens and how many clients (PLCs) are connected."""
-        return {"protocol": "Modbus", "address": f"{self.host}:{self.port}", "clients": self.clients}
+        return {"protocol": "Modbus", "address": self.address, "clients": self.clients}
 
     def _connected(self, connected: bool) -> None:
         self.clients += 1 if connected else -1
@@ -107,47 +102,38 @@ class ModbusOutput(Sink):
         await self.server.async_setValues(DEVICE_ID, kind, address, values)
 
     async def _heartbeat(self) -> None:
-        beat = 0
-        while True:  # until the loop closes
-            await asyncio.sleep(0.1)
-            if time.monotonic() >= self.next_beat:
-                self.next_beat += 1.0
-                beat = (beat + 1) % 65536
-                await self._set(HOLDING, HEARTBEAT, [beat])
+        beat, next_beat = 0, time.monotonic() + 1.0
+        while True:  # until stopped
+            await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            next_beat += 1.0
+            beat = (beat + 1) % 65536
+            await self._set(HOLDING, HEARTBEAT, [beat])
 
     async def _pulse_off(self, coil: int, pulse: int) -> None:
         await asyncio.sleep(self.pulse_s)
         if self.pulses[coil] == pulse:  # no NG came since: a later one gets its whole pulse
             await self._set(COILS, coil, [False])
 
-    async def _publish(self, i: int, registers: list[int], verdict: str | None, pulse: int | None) -> None:
-        """One frame's values, posted once to the server's loop: its registers, the OK coil, the NG coil (and the
-        end of its pulse)."""
-        await self._set(HOLDING, BLOCK + BLOCK_SIZE * i, registers)
+    async def publish(self, result: dict) -> None:
+        """One frame: its registers, the OK coil, the NG coil (and the end of its pulse)."""
+        label = result["source"]
+        if label not in self.index:
+            return
+        i, verdict = self.index[label], result["verdict"]
+        counts = self.counts[label]
+        counts[0] = (counts[0] + (verdict != "skipped")) % 65536
+        counts[1] = (counts[1] + (verdict == "NG")) % 65536
+        await self._set(HOLDING, BLOCK + BLOCK_SIZE * i, [
+            counts[0], counts[1], VERDICT_CODES.get(verdict, 0), register_value(result["score"]),
+            register_value(result["threshold"]), result["version"] % 65536, result["seq"] % 65536])
         if verdict in ("OK", "NG"):
             await self._set(COILS, 2 * i + 1, [verdict == "OK"])
         if verdict == "NG":
             await self._set(COILS, 2 * i, [True])
-            if pulse is not None:
-                self.loop.create_task(self._pulse_off(2 * i, pulse))
+            if self.ng_mode == "pulse":
+                pulse = self.pulses[2 * i] = self.pulses.get(2 * i, 0) + 1
+                asyncio.get_running_loop().create_task(self._pulse_off(2 * i, pulse))
 
-    def handle(self, item: Inspected) -> None:
-        record = item.record
-        label = record.get("source", "")
-        if label not in self.index:
-            return
-        i = self.index[label]
-        verdict = "skipped" if item.skipped else item.verdict
-        counts = self.counts[label]
-        counts[0] = (counts[0] + (not item.skipped)) % 65536
-        counts[1] = (counts[1] + (verdict == "NG")) % 65536
-        pulse = None
-        if verdict == "NG" and self.ng_mode == "pulse":
-            pulse = self.pulses[2 * i] = self.pulses.get(2 * i, 0) + 1
-        self.background.post(self._publish(i, [counts[0], counts[1], VERDICT_CODES.get(verdict, 0),
-                                     register_value(record.get("score")), register_value(record.get("threshold")),
-                                     int(record.get("version") or 0) % 65536, int(record.get("seq", 0)) % 65536],
-                                 verdict, pulse))
-
-    def close(self) -> None:
-        self.background.close()
+    async def stop(self) -> None:
+        self.heartbeat.cancel()
+        await self.server.shutdown()

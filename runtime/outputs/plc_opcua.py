@@ -15,9 +15,9 @@ encrypted (Basic256Sha256 and the newer Aes128-Sha256-RsaOaep and Aes256-Sha256-
 certificate are made on first use in the PKI folder (owner-only); a client's certificate is taken only once it
 is in PKI/trusted (an unknown one is refused and put in PKI/rejected, to be moved over by whoever trusts it).
 
-The server runs on a loop of its own (server_loop.ServerLoop): the frame loop posts each frame's values and never
-waits, and a client that stops reading or requesting costs bounded memory (each subscription's queue is capped
-and a subscription nobody asks to publish expires)."""
+The server runs in the PLC servers' process (plc_process), on its asyncio loop; a client that stops reading or
+requesting costs bounded memory there (each subscription's queue is capped and a
+subscription nobody asks to publish expires)."""
 
 import hmac
 import logging
@@ -29,8 +29,7 @@ from urllib.parse import urlsplit
 
 from edgeinspect.runtime.console import InspectError, RateLimitedWarning
 from edgeinspect.runtime.files import atomic_write_bytes
-from edgeinspect.runtime.outputs.server_loop import ServerLoop, check_bindable
-from edgeinspect.runtime.outputs.sinks import Inspected, Sink
+from edgeinspect.runtime.outputs.plc_process import check_bindable
 from edgeinspect.runtime.outputs.view_access import is_loopback
 
 NAMESPACE = "urn:edge-inspect:opcua"
@@ -178,33 +177,35 @@ def record_time(record: dict) -> datetime:
         return datetime.now(timezone.utc)
 
 
-class OpcUaOutput(Sink):
-    def __init__(self, endpoint: str, sources: list[str], run_id: str, bundle, pki: Path,
+class OpcUaServer:
+    """One frame's result at a time (plc_process's), on the loop it was started on."""
+
+    def __init__(self, endpoint: str, sources: list[str], run_id: str, bundle: dict, pki: Path,
                  username: str | None = None, password: str | None = None):
+        """`bundle`: the version judging, plc_process.bundle_identity's {"version", "digest"}."""
         self.secured = check_opcua_options(endpoint, username, password)
-        self.endpoint = endpoint
+        self.endpoint, self.credentials = endpoint, (username, password)
         self.host, self.port = parse_opcua_endpoint(endpoint)
         self.sources, self.run_id = list(sources), run_id
+        self.version, self.digest = bundle["version"], bundle["digest"]
         self.counts = {label: [0, 0] for label in sources}  # frames, NG
+        self.written: dict[str, dict] = {label: {} for label in sources}  # LastResult as last written
         self.active_alarms: dict[str, str] = {}
         self.warn = RateLimitedWarning()
         self.pki = Path(pki)
+
+    async def start(self) -> None:
+        from asyncua import Server, ua
+        from asyncua.server.internal_session import InternalSession
+
         for name in ("asyncua", "asyncua.crypto"):  # its lines would interleave the console's
             logging.getLogger(name).setLevel(logging.CRITICAL)
         if self.secured:
             check_pki_folder(self.pki)
-        check_bindable(self.host, self.port, f"--opcua {endpoint}")
-        self.background = ServerLoop(f"--opcua {endpoint}", lambda: self._start(username, password),
-                                     lambda: self.server.stop())
-        self.use_bundle(bundle)
-
-    async def _start(self, username: str | None, password: str | None) -> None:
-        from asyncua import Server, ua
-        from asyncua.server.internal_session import InternalSession
-
+        check_bindable(self.host, self.port, f"--opcua {self.endpoint}")
         self.ua = ua
         application_uri = f"urn:edge-inspect:{socket.gethostname()}"
-        self.server = Server(user_manager=PasswordCheck(username, password, self.warn) if self.secured else None)
+        self.server = Server(user_manager=PasswordCheck(*self.credentials, self.warn) if self.secured else None)
         await self.server.init()
         self.server.set_server_name("edge-inspect")
         self.server.set_endpoint(self.endpoint)
@@ -227,12 +228,14 @@ class OpcUaOutput(Sink):
             self.server.set_security_policy([policy.NoSecurity])
             self.server.set_identity_tokens([ua.AnonymousIdentityToken])
         await self._build_address_space()
+        await self.use_bundle({"version": self.version, "digest": self.digest})
         await self.server.start()
 
     async def _build_address_space(self) -> None:
         ua, server = self.ua, self.server
         idx = await server.register_namespace(NAMESPACE)
         kinds = {name: getattr(ua.VariantType, kind) for name, kind in RESULT_FIELDS + ALARM_FIELDS}
+        kinds.update(Frames=ua.VariantType.UInt64, NgFrames=ua.VariantType.UInt64)
         result_type = await server.create_custom_event_type(
             idx, "ResultReadyEventType", ua.ObjectIds.BaseEventType,
             [(name, kinds[name]) for name, _ in RESULT_FIELDS])
@@ -271,71 +274,56 @@ class OpcUaOutput(Sink):
         ua = self.ua
         await self.server.write_attribute_value(nodeid, ua.DataValue(ua.Variant(value, kind), SourceTimestamp=when))
 
-    async def _publish(self, label: str, fields: dict, counts: tuple[int, int]) -> None:
-        """One frame, posted once to the server's loop: LastResult and the counters, then the event."""
+    async def publish(self, result: dict) -> None:
+        """One frame: LastResult and the counters, then the ResultReady event."""
+        label, verdict, seq = result["source"], result["verdict"], result["seq"]
+        if label not in self.counts:
+            return
+        counts = self.counts[label]
+        counts[0] += verdict != "skipped"
+        counts[1] += verdict == "NG"
+        when = record_time(result)
+        fields = {"ResultId": f"{self.run_id}/{seq}", "IsPartial": False,
+                  "ResultState": RESULT_STATE["aborted" if verdict == "skipped" else "completed"],
+                  "JobId": self.run_id, "InternalRecipeId": self.digest, "InternalConfigurationId": str(self.version),
+                  "CreationTime": when, "ResultEvaluation": EVALUATION.get(verdict, 0), "Verdict": verdict,
+                  "Score": float(result["score"] or 0.0), "Threshold": float(result["threshold"] or 0.0),
+                  "FrameIndex": seq, "Regions": result["regions"], "BundleVersion": result["version"]}
         nodeid, names = self.source_vars[label]
-        when = fields["CreationTime"]
-        for name, value in fields.items():
-            await self._write(names[name], value, self.kinds[name], when)
-        await self._write(names["Frames"], counts[0], self.ua.VariantType.UInt64, when)
-        await self._write(names["NgFrames"], counts[1], self.ua.VariantType.UInt64, when)
+        written = self.written[label]
+        for name, value in (*fields.items(), ("Frames", counts[0]), ("NgFrames", counts[1])):
+            if written.get(name) != value or name == "CreationTime":  # a PLC sees each result's time change
+                await self._write(names[name], value, self.kinds[name], when)
+                written[name] = value
         event = self.results.event
         for name, value in fields.items():
             setattr(event, name, value)
-        event.SourceNode, event.SourceName, event.Severity = nodeid, label, 700 if fields["Verdict"] == "NG" else 100
-        await self.results.trigger(time_attr=when, message=f"{label}: {fields['Verdict']}")
+        event.SourceNode, event.SourceName, event.Severity = nodeid, label, 700 if verdict == "NG" else 100
+        await self.results.trigger(time_attr=when, message=f"{label}: {verdict}")
 
-    def handle(self, item: Inspected) -> None:
-        record = item.record
-        label = record.get("source", "")
-        if label not in self.counts:
-            return
-        verdict = "skipped" if item.skipped else (item.verdict or "")
-        counts = self.counts[label]
-        counts[0] += not item.skipped
-        counts[1] += verdict == "NG"
-        seq = int(record.get("seq", 0))
-        fields = {"ResultId": f"{self.run_id}/{seq}", "IsPartial": False,
-                  "ResultState": RESULT_STATE["aborted" if item.skipped else "completed"], "JobId": self.run_id,
-                  "InternalRecipeId": self.digest, "InternalConfigurationId": str(self.version),
-                  "CreationTime": record_time(record), "ResultEvaluation": EVALUATION.get(verdict, 0),
-                  "Verdict": verdict, "Score": float(record.get("score") or 0.0),
-                  "Threshold": float(record.get("threshold") or 0.0), "FrameIndex": seq,
-                  "Regions": len(record.get("regions") or []), "BundleVersion": int(record.get("version") or 0)}
-        self.background.post(self._publish(label, fields, (counts[0], counts[1])))
-
-    def use_bundle(self, bundle) -> None:
+    async def use_bundle(self, bundle: dict) -> None:
         """The version judging from now on (at the start and after a hot swap)."""
-        record = bundle.record
-        self.version = int((record.get("version") or {}).get("number", 1))
-        self.digest = record["files"][record["model_file"]]["sha256"]
+        self.version, self.digest = bundle["version"], bundle["digest"]
         kinds = self.ua.VariantType
-        self.background.post(self._write(self.vars["BundleVersion"], self.version, kinds.UInt32))
-        self.background.post(self._write(self.vars["BundleDigest"], self.digest, kinds.String))
+        await self._write(self.vars["BundleVersion"], self.version, kinds.UInt32)
+        await self._write(self.vars["BundleDigest"], self.digest, kinds.String)
 
-    def alarm(self, event: dict) -> None:
-        """A health alarm raised or cleared (Health's listener): ActiveAlarms, State and an event."""
-        if event.get("state") == "raised":
+    async def alarm(self, event: dict) -> None:
+        """A health alarm raised or cleared: ActiveAlarms, State and a HealthAlarm event."""
+        raised = event.get("state") == "raised"
+        if raised:
             self.active_alarms[event["id"]] = event.get("message", "")
         else:
             self.active_alarms.pop(event.get("id"), None)
-        self.background.post(self._alarm(dict(event), list(self.active_alarms.values())))
-
-    async def _alarm(self, event: dict, active: list[str]) -> None:
         kinds = self.ua.VariantType
-        await self._write(self.vars["ActiveAlarms"], active, kinds.String)
-        await self._write(self.vars["State"], "Alarm" if active else "Operational", kinds.String)
-        raised = event.get("state") == "raised"
+        await self._write(self.vars["ActiveAlarms"], list(self.active_alarms.values()), kinds.String)
+        await self._write(self.vars["State"], "Alarm" if self.active_alarms else "Operational", kinds.String)
         fields = self.alarms.event
         fields.AlarmId, fields.Kind, fields.Active = event.get("id", ""), event.get("kind", ""), raised
         fields.Severity = 800 if raised else 100
         fields.SourceName = event.get("source") or "edge-inspect"
         await self.alarms.trigger(message=("" if raised else "cleared: ") + event.get("message", ""))
 
-    def close(self) -> None:
-        if self.background.thread.is_alive():
-            try:
-                self.background.call(self._write(self.vars["State"], "Halted", self.ua.VariantType.String))
-            except Exception:  # noqa: BLE001 - stopping anyway
-                pass
-        self.background.close()
+    async def stop(self) -> None:
+        await self._write(self.vars["State"], "Halted", self.ua.VariantType.String)
+        await self.server.stop()

@@ -6,7 +6,6 @@ most once per frame, by the first sink that asks for it."""
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from edgeinspect.runtime.console import RateLimitedWarning, warn
 from edgeinspect.runtime.inference.regions import heat_overlay
 
