@@ -13,11 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from edgeinspect.runtime.commands.run import app as run_app
+from edgeinspect.runtime.outputs.plc_modbus import (
+    BLOCK,
+    FRAMES,
+    NG_FRAMES,
+    SEQ,
+    VERDICT,
+)
 from pymodbus.client import ModbusTcpClient
 from typer.testing import CliRunner
-
-from edgeinspect.runtime.commands.run import app as run_app
-from edgeinspect.runtime.outputs.plc_modbus import BLOCK, FRAMES, NG_FRAMES, SEQ, VERDICT
 
 RUN = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()"]
 
@@ -26,6 +31,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def stop_run(process: subprocess.Popen) -> str:
+    """SIGTERM (inspect-run stops cleanly), its output; killed if it does not end."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def connect(port: int, timeout_s: float = 60) -> ModbusTcpClient:
@@ -143,12 +160,8 @@ def test_a_pulsed_ng_coil_clears_by_itself(patchcore_bundle, mvtec_like, tmp_pat
             time.sleep(0.01)
         assert plc.read_holding_registers(BLOCK + NG_FRAMES, count=1, device_id=1).registers[0] == 1
         plc.close()
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=60)[0]
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        output = stop_run(process)
     assert process.returncode == 0, output
 
 
@@ -171,3 +184,51 @@ def test_an_address_in_use_is_a_one_line_error(patchcore_bundle, mvtec_like, tmp
         result = CliRunner().invoke(run_app, [str(patchcore_bundle), "--source", str(mvtec_like / "test" / "good"),
                                               "--out", str(tmp_path), "--modbus", f"127.0.0.1:{port}"])
     assert result.exit_code == 2 and "Address already in use" in result.output, result.output
+
+
+def plc_servers_process(parent: int) -> int:
+    """inspect-run's spawned child that runs the PLC servers."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent and \
+                    b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                return int(stat.parent.name)
+        except (OSError, ValueError):
+            continue
+    raise AssertionError("no PLC servers' process")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the servers' process through Linux /proc")
+def test_a_frozen_plc_server_process_never_holds_the_line(patchcore_bundle, mvtec_like, tmp_path):
+    """The PLC servers' process stopped (SIGSTOP) while 1,000 frames come: inspect-run inspects them all, drops the
+    updates that no longer fit the pipe, says so, and after SIGCONT the servers take updates again."""
+    images = sorted((mvtec_like / "test" / "good").iterdir())
+    folder, out, port = tmp_path / "incoming", tmp_path / "out", free_port()
+    folder.mkdir()
+    process = subprocess.Popen(RUN + [str(patchcore_bundle), "--source", str(folder), "--watch", "--out", str(out),
+                                      "--save", "none", "--modbus", f"127.0.0.1:{port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        plc = connect(port)
+        servers = plc_servers_process(process.pid)
+        os.kill(servers, signal.SIGSTOP)
+        for path in settled_copies(images, tmp_path / "frames", 1000).iterdir():
+            path.rename(folder / path.name)
+        deadline = time.monotonic() + 180
+        while not (out / "inspections.jsonl").exists() or \
+                sum(1 for line in (out / "inspections.jsonl").read_text().splitlines() if '"seq"' in line) < 1000:
+            assert time.monotonic() < deadline, "the line stopped with the PLC servers"
+            time.sleep(0.2)
+        os.kill(servers, signal.SIGCONT)
+        shutil.copy(images[0], tmp_path / "one.png")
+        old = time.time() - 5
+        os.utime(tmp_path / "one.png", (old, old))
+        (tmp_path / "one.png").rename(folder / "one.png")
+        while plc.read_holding_registers(BLOCK + SEQ, count=1, device_id=1).registers[0] != 1000:
+            assert time.monotonic() < deadline, "the servers took no update after SIGCONT"
+            time.sleep(0.05)
+        plc.close()
+    finally:
+        output = stop_run(process)
+    assert process.returncode == 0 and "Traceback" not in output, output
+    assert "the PLC servers fall behind" in output and "updates dropped" in output, output

@@ -21,33 +21,17 @@ from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from edgeinspect.runtime.commands.run import app as run_app
 from edgeinspect.runtime.outputs.plc_opcua import NAMESPACE
+from test_plc_modbus import free_port, stop_run
 from typer.testing import CliRunner
 
 RUN = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()"]
 PASSWORD = "line-7-opcua-password"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_run(bundle: Path, folder: Path, out: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(RUN + [str(bundle), "--source", str(folder), "--watch", "--out", str(out), "--save",
                                    "none", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
-
-
-def stop_run(process: subprocess.Popen) -> str:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.communicate(timeout=60)[0]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def feed(images: list[Path], folder: Path, count: int, scratch: Path) -> None:
