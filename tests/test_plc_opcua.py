@@ -208,11 +208,35 @@ async def secure_read(port: int, uri: str, key: Path, certificate: Path, usernam
         return type(error).__name__
 
 
+async def read_naming_no_certificate(port: int, uri: str, key: Path, certificate: Path, username: str,
+                                     password: str) -> str:
+    """As secure_read, but the session is created naming no client certificate (asyncua's own check is then
+    skipped): the certificate the channel is signed with must be trusted all the same."""
+    client = Client(f"opc.tcp://127.0.0.1:{port}")
+    client.application_uri = uri
+    await client.set_security(SecurityPolicyBasic256Sha256, str(certificate), str(key),
+                              mode=ua.MessageSecurityMode.SignAndEncrypt)
+    await client.connect_socket()
+    try:
+        await client.send_hello()
+        await client.open_secure_channel()
+        client.security_policy.host_certificate = None
+        client.security_policy.asymmetric_cryptography.verify = lambda *_: None  # the client's own check of the
+        await client.create_session()  # server's signature, which no longer covers what this client expects
+        await client.activate_session(username, password)
+        return await (await node(client, "State")).read_value()
+    except ua.UaStatusCodeError as error:
+        return type(error).__name__
+    finally:
+        client.disconnect_socket()
+
+
 def test_security_refuses_a_wrong_password_and_an_untrusted_certificate(patchcore_bundle, mvtec_like, tmp_path):
     """With a user name the server offers signed and encrypted endpoints only: an unknown client certificate is
     refused and kept in PKI/rejected; moved to PKI/trusted it is let in (no restart); a wrong password is refused,
-    as is anonymous access without encryption. The server's key is owner-only, and the password appears nowhere in
-    the run's output or its files."""
+    as is anonymous access without encryption, another unknown certificate (said without a traceback), and one that
+    signs the channel but is left out of the session. The server's key is owner-only, and the password appears
+    nowhere in the run's output or its files."""
     port, out = free_port(), tmp_path / "out"
     pki = out / "opcua-pki"
     process = start_run(patchcore_bundle, mvtec_like / "test" / "good", out, "--opcua",
@@ -241,6 +265,11 @@ def test_security_refuses_a_wrong_password_and_an_untrusted_certificate(patchcor
             path.rename(pki / "trusted" / path.name)
         seen["trusted"] = await secure_read(port, uri, key, certificate, "plc", PASSWORD)
         seen["wrong password"] = await secure_read(port, uri, key, certificate, "plc", PASSWORD + "x")
+        intruder = "urn:elsewhere:client"
+        other_key, other_certificate = await client_certificate(tmp_path / "intruder", intruder)
+        seen["other"] = await secure_read(port, intruder, other_key, other_certificate, "plc", PASSWORD)
+        seen["left out"] = await read_naming_no_certificate(port, intruder, other_key, other_certificate, "plc",
+                                                            PASSWORD)
         return seen
 
     try:
@@ -251,6 +280,8 @@ def test_security_refuses_a_wrong_password_and_an_untrusted_certificate(patchcor
     assert "No matching endpoints" in seen["anonymous"], seen
     assert seen["untrusted"] == "BadCertificateUntrusted" and seen["rejected"] == [".der"], seen
     assert seen["trusted"] in ("Operational", "Alarm") and seen["wrong password"] == "BadUserAccessDenied", seen
+    assert seen["other"] == "BadCertificateUntrusted" and seen["left out"] == "BadUserAccessDenied", seen
+    assert "Traceback" not in output, output
     assert "wrong user name or password" in output and "is not trusted" in output, output
     assert (pki / "own" / "key.pem").stat().st_mode & 0o777 == 0o600 and pki.stat().st_mode & 0o777 == 0o700
     assert PASSWORD not in output
@@ -293,8 +324,8 @@ def test_the_operators_page_says_which_plcs_are_connected(patchcore_bundle, mvte
     with inspect_run(patchcore_bundle, tmp_path / "out", "--source", mvtec_like / "test" / "good", "--watch",
                      "--modbus", f"127.0.0.1:{modbus}", "--opcua", f"opc.tcp://127.0.0.1:{opcua}") as run:
         assert wait_until(lambda: stats_of(run)["plc"], 30, "the PLC status") == [
-            {"protocol": "Modbus", "address": f"127.0.0.1:{modbus}", "clients": 0},
-            {"protocol": "OPC UA", "address": f"opc.tcp://127.0.0.1:{opcua}", "clients": 0}]
+            {"protocol": "Modbus", "address": f"127.0.0.1:{modbus}", "clients": 0, "running": True},
+            {"protocol": "OPC UA", "address": f"opc.tcp://127.0.0.1:{opcua}", "clients": 0, "running": True}]
         plc = ModbusTcpClient("127.0.0.1", port=modbus)
         assert plc.connect()
         wait_until(lambda: [s["clients"] for s in stats_of(run)["plc"]] == [1, 0], 30, "one Modbus client")

@@ -10,31 +10,57 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.markup import escape
-
 from edgeinspect.runtime.capture.grabbers import Grabber, Grabbers
 from edgeinspect.runtime.capture.sources import named_source, open_source, shown_url
 from edgeinspect.runtime.commands.line_config import apply_line_config
 from edgeinspect.runtime.commands.line_config import print_config as line_config_text
 from edgeinspect.runtime.commands.service import ServiceNotifier
-from edgeinspect.runtime.console import (InspectError, RateLimitedWarning, command_app, console, one_line_errors,
-                                         warn)
+from edgeinspect.runtime.console import (
+    InspectError,
+    RateLimitedWarning,
+    command_app,
+    console,
+    one_line_errors,
+    warn,
+)
 from edgeinspect.runtime.files import atomic_write_json, writable_dir
-from edgeinspect.runtime.frame_loop import FrameLoop, LatencyStats, check_batch_and_threads, inspect_until_done
+from edgeinspect.runtime.frame_loop import (
+    FrameLoop,
+    LatencyStats,
+    check_batch_and_threads,
+    inspect_until_done,
+)
 from edgeinspect.runtime.inference.bundle import load_bundle
 from edgeinspect.runtime.inference.hot_swap import HotSwap, bundle_fingerprint
 from edgeinspect.runtime.inference.images import list_images
 from edgeinspect.runtime.inference.inspector import Inspector
 from edgeinspect.runtime.outputs.collect import CollectSink
 from edgeinspect.runtime.outputs.console_sink import ConsoleSink
-from edgeinspect.runtime.outputs.health import Health, HealthSink, Limits, console_listener, log_listener
+from edgeinspect.runtime.outputs.health import (
+    Health,
+    HealthSink,
+    Limits,
+    console_listener,
+    log_listener,
+)
 from edgeinspect.runtime.outputs.labels import LabelStore, TeachJob
 from edgeinspect.runtime.outputs.live_view import LiveView, LiveViewSink, about_run
-from edgeinspect.runtime.outputs.out_folder import OutLock, new_run_id, parse_bytes, positive_finite
+from edgeinspect.runtime.outputs.out_folder import (
+    OutLock,
+    new_run_id,
+    parse_bytes,
+    positive_finite,
+)
 from edgeinspect.runtime.outputs.overlays import DiskBudget, OverlayStore
 from edgeinspect.runtime.outputs.run_log import JsonLog
 from edgeinspect.runtime.outputs.sinks import Sinks
-from edgeinspect.runtime.outputs.view_access import TOKEN_FILE, check_view_host, is_loopback, load_or_create_token
+from edgeinspect.runtime.outputs.view_access import (
+    TOKEN_FILE,
+    check_view_host,
+    is_loopback,
+    load_or_create_token,
+)
+from rich.markup import escape
 
 app = command_app()
 
@@ -194,16 +220,23 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
     positive_finite(keep_days, "--keep-days")
     positive_finite(mqtt_heartbeat, "--mqtt-heartbeat")
     if modbus:  # checked, and the address tried, before a model or a camera is opened
-        from edgeinspect.runtime.outputs.plc_modbus import check_bindable, check_modbus_options
+        from edgeinspect.runtime.outputs.plc_modbus import (
+            check_modbus_options,
+            parse_modbus_address,
+        )
+        from edgeinspect.runtime.outputs.plc_process import check_bindable
 
         check_modbus_options(modbus, modbus_ng, modbus_pulse_ms)
-        check_bindable(modbus)
+        check_bindable(*parse_modbus_address(modbus), f"--modbus {modbus}")
     if opcua:
-        from edgeinspect.runtime.outputs.plc_opcua import check_opcua_options, parse_opcua_endpoint
-        from edgeinspect.runtime.outputs.plc_process import check_bindable as check_listening
+        from edgeinspect.runtime.outputs.plc_opcua import (
+            check_opcua_options,
+            parse_opcua_endpoint,
+        )
+        from edgeinspect.runtime.outputs.plc_process import check_bindable
 
         check_opcua_options(opcua, opcua_username, opcua_password)
-        check_listening(*parse_opcua_endpoint(opcua), f"--opcua {opcua}")
+        check_bindable(*parse_opcua_endpoint(opcua), f"--opcua {opcua}")
     max_bytes = parse_bytes(max_disk, "--max-disk") if max_disk else None
     rotate_bytes, rotate_daily = log_rotation(log_rotate, max_bytes)
     first_seen = bundle_fingerprint(bundle_dir)  # before loading: a version written meanwhile is taken in
@@ -239,7 +272,11 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                     "run": run_id, "backend": in_use["backend"]}
 
         if mqtt:  # the broker's address and the queue file checked before anything is written to --out
-            from edgeinspect.runtime.outputs.mqtt import DiskQueue, MqttSink, parse_mqtt_url
+            from edgeinspect.runtime.outputs.mqtt import (
+                DiskQueue,
+                MqttSink,
+                parse_mqtt_url,
+            )
 
             target = parse_mqtt_url(mqtt)
             DiskQueue(out / "mqtt-queue.sqlite", mqtt_queue).close()
@@ -255,7 +292,10 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
         about = about_run(bundle_dir, bundle, chosen.name, run_id, mode.value)
         plc = None  # the servers the PLC reads, in a process of their own
         if modbus or opcua:
-            from edgeinspect.runtime.outputs.plc_process import PlcServers, bundle_identity
+            from edgeinspect.runtime.outputs.plc_process import (
+                PlcServers,
+                bundle_identity,
+            )
 
             servers = []
             if modbus:
@@ -316,6 +356,8 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
                 grabbers.join(timeout=5)
                 outputs.close()
                 result.update(sink_failures=outputs.failures, deleted_files=budget.deleted)
+                if plc is not None:
+                    result["plc_dropped_updates"] = plc.dropped
                 result["alarms"] = health.alarms()
                 write_summary(out / "summary.json", result)
     if grabbers.error is not None and not isinstance(grabbers.error, KeyboardInterrupt):

@@ -19,9 +19,7 @@ import math
 import time
 
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.outputs.plc_process import (
-    check_bindable as check_listening_address,
-)
+from edgeinspect.runtime.outputs.plc_process import check_bindable
 
 DEVICE_ID = 1
 HEARTBEAT, SOURCES = 0, 1
@@ -47,10 +45,6 @@ def check_modbus_options(address: str, ng_mode: str, pulse_ms: int) -> None:
         raise InspectError(f"--modbus-ng {ng_mode!r} is not one of {', '.join(NG_MODES)}")
     if not (isinstance(pulse_ms, int) and 10 <= pulse_ms <= 60_000):
         raise InspectError(f"--modbus-pulse-ms must be from 10 to 60000, got {pulse_ms}")
-
-
-def check_bindable(address: str) -> None:
-    check_listening_address(*parse_modbus_address(address), f"--modbus {address}")
 
 
 def register_value(value: float | None, scale: float = 100.0) -> int:
@@ -79,7 +73,7 @@ class ModbusServer:
         from pymodbus.simulator.simdevice import SimDevice
 
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its own lines would interleave the console's
-        check_bindable(self.address)
+        check_bindable(self.host, self.port, f"--modbus {self.address}")
         registers = BLOCK + BLOCK_SIZE * len(self.index)
         device = SimDevice(id=DEVICE_ID, simdata=(
             [SimData(0, count=2 * len(self.index), values=False, datatype=DataType.BITS)],

@@ -19,6 +19,7 @@ The server runs in the PLC servers' process (plc_process), on its asyncio loop; 
 requesting costs bounded memory there (each subscription's queue is capped and a
 subscription nobody asks to publish expires)."""
 
+import asyncio
 import hmac
 import logging
 import os
@@ -39,6 +40,8 @@ RESULT_STATE = {"completed": 1, "aborted": 3}  # OPC 40100-1 ResultStateDataType
 QUEUE_CAP = 2000  # events or changes queued per monitored item for a client that does not ask for them
 MAX_SESSIONS = 32
 MAX_SUBSCRIPTIONS = 64
+HALTED_GRACE_S = 0.5  # "Halted" stays served this long before the server stops
+REJECTED_KEPT = 100  # certificates kept in PKI/rejected (anyone on the network can offer one)
 RESULT_FIELDS = (  # (name, variant type name): the event's properties and LastResult's variables alike
     ("ResultId", "String"), ("IsPartial", "Boolean"), ("ResultState", "Int32"), ("JobId", "String"),
     ("InternalRecipeId", "String"), ("InternalConfigurationId", "String"), ("CreationTime", "DateTime"),
@@ -48,7 +51,7 @@ ALARM_FIELDS = (("AlarmId", "String"), ("Kind", "String"), ("Active", "Boolean")
 
 
 def parse_opcua_endpoint(text: str) -> tuple[str, int]:
-    """opc.tcp://HOST[:PORT][/PATH] → (host, port)."""
+    """opc.tcp://HOST[:PORT][/PATH] → (host, port); the port is 4840 when none is given."""
     hint = f"--opcua {text!r}: give opc.tcp://HOST:PORT, e.g. opc.tcp://0.0.0.0:4840"
     try:
         parts = urlsplit(text)
@@ -88,15 +91,22 @@ def check_pki_folder(folder: Path) -> None:
 
 
 class PasswordCheck:
-    """asyncua's user manager: the one user name and password, compared in constant time; a refusal is said
-    (at most once a minute) without what was given."""
+    """asyncua's user manager: the client's secure channel is signed with a trusted certificate (asyncua checks
+    only the certificate a client names in CreateSession, which it may leave out), and the one user name and
+    password match, compared in constant time; a refusal is said (at most once a minute) without what was given."""
 
-    def __init__(self, username: str, password: str, warn: RateLimitedWarning):
-        self._username, self._password, self.warn = username.encode(), password.encode(), warn
+    def __init__(self, username: str, password: str, trust: "TrustList", warn: RateLimitedWarning):
+        self._username, self._password, self.trust, self.warn = username.encode(), password.encode(), trust, warn
 
     def get_user(self, iserver, username=None, password=None, certificate=None):
         from asyncua.crypto.permission_rules import User, UserRole
+        from cryptography import x509
 
+        channel = x509.load_der_x509_certificate(certificate) if isinstance(certificate, bytes) else certificate
+        if channel is None or not self.trust.is_trusted(channel):
+            if channel is not None:
+                self.trust.keep_rejected(channel, "a client")
+            return None
         given_name = (username or "").encode()
         given_password = password if isinstance(password, bytes) else (password or "").encode()
         if hmac.compare_digest(given_name, self._username) & hmac.compare_digest(given_password, self._password):
@@ -106,8 +116,9 @@ class PasswordCheck:
 
 
 class TrustList:
-    """A client's certificate is valid, and in PKI/trusted (read again at each new connection, so a certificate
-    moved there is taken without a restart); one refused for not being trusted is kept in PKI/rejected."""
+    """A client's certificate is valid, and in PKI/trusted (read again at each new session, so a certificate moved
+    there is taken without a restart); one refused for not being trusted is kept in PKI/rejected (at most
+    REJECTED_KEPT of them)."""
 
     def __init__(self, folder: Path, warn: RateLimitedWarning):
         from asyncua.crypto.truststore import TrustStore
@@ -118,40 +129,56 @@ class TrustList:
 
         self.folder, self.warn = folder, warn
         self.store = TrustStore([folder / "trusted"], [])
+        self.loaded = False
         self.validator = CertificateValidator(CertificateValidatorOptions.TRUSTED_VALIDATION
                                               | CertificateValidatorOptions.PEER_CLIENT, self.store)
 
-    async def __call__(self, certificate, app_description) -> None:
-        from asyncua import ua
-        from asyncua.common.utils import ServiceError
-
+    async def load(self) -> bool:
+        """Read PKI/trusted again; False when it holds no certificate (or a file that is not one: said)."""
         try:
             await self.store.load()
-        except ValueError as error:  # nothing trusted yet ("can't create an empty store"), or a file not a certificate
+            self.loaded = True
+        except ValueError as error:  # nothing trusted yet ("can't create an empty store"), or not a certificate
+            self.loaded = False
             if any((self.folder / "trusted").iterdir()):
                 self.warn("opcua-trusted", f"--opcua: {self.folder / 'trusted'} holds a file that is not a "
                           f"certificate ({error}); no client is let in until it is mended")
-            self._keep_rejected(certificate, app_description)
-            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted) from None
+        return self.loaded
+
+    def is_trusted(self, certificate) -> bool:
+        return self.loaded and self.store.is_trusted(certificate)
+
+    async def __call__(self, certificate, app_description) -> None:
+        """asyncua's validator for the certificate a client names in CreateSession."""
+        from asyncua import ua
+        from asyncua.common.utils import ServiceError
+
+        if not await self.load():
+            self.keep_rejected(certificate, app_description.ApplicationUri)
+            raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
         try:
             await self.validator(certificate, app_description)
         except ServiceError as error:
             if error.code == ua.StatusCodes.BadCertificateUntrusted:
-                self._keep_rejected(certificate, app_description)
+                self.keep_rejected(certificate, app_description.ApplicationUri)
             else:
                 self.warn("opcua-certificate", f"--opcua: refused the client {app_description.ApplicationUri}: "
                           f"its certificate is not valid for it ({ua.StatusCode(error.code).name})")
             raise
 
-    def _keep_rejected(self, certificate, app_description) -> None:
+    def keep_rejected(self, certificate, client: str) -> None:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.serialization import Encoding
 
         name = certificate.fingerprint(hashes.SHA1()).hex()
         kept = self.folder / "rejected" / f"{name}.der"
+        if not kept.exists() and sum(1 for _ in (self.folder / "rejected").iterdir()) >= REJECTED_KEPT:
+            self.warn("opcua-untrusted", f"--opcua: refused {client}: its certificate is not trusted ({kept.parent} "
+                                         f"is full: {REJECTED_KEPT} kept)")
+            return
         atomic_write_bytes(kept, certificate.public_bytes(Encoding.DER))
-        self.warn(f"opcua-untrusted-{name}", f"--opcua: refused the client {app_description.ApplicationUri}: its "
-                  f"certificate is not trusted (kept as {kept}; move it to {self.folder / 'trusted'} to let it in)")
+        self.warn("opcua-untrusted", f"--opcua: refused {client}: its certificate is not trusted (kept as {kept}; "
+                                     f"move it to {self.folder / 'trusted'} to let it in)")
 
 
 async def own_certificate(folder: Path, application_uri: str) -> tuple[Path, Path]:
@@ -188,6 +215,7 @@ class OpcUaServer:
         self.host, self.port = parse_opcua_endpoint(endpoint)
         self.sources, self.run_id = list(sources), run_id
         self.version, self.digest = bundle["version"], bundle["digest"]
+        self.digests = {self.version: self.digest}  # every version judged in this run → its model's digest
         self.counts = {label: [0, 0] for label in sources}  # frames, NG
         self.written: dict[str, dict] = {label: {} for label in sources}  # LastResult as last written
         self.active_alarms: dict[str, str] = {}
@@ -198,17 +226,20 @@ class OpcUaServer:
         from asyncua import Server, ua
         from asyncua.server.internal_session import InternalSession
 
-        for name in ("asyncua", "asyncua.crypto"):  # its lines would interleave the console's
+        for name in ("asyncua", "asyncuagds"):  # their lines (tracebacks for refused clients) would flood the console
             logging.getLogger(name).setLevel(logging.CRITICAL)
         if self.secured:
             check_pki_folder(self.pki)
         check_bindable(self.host, self.port, f"--opcua {self.endpoint}")
         self.ua = ua
         application_uri = f"urn:edge-inspect:{socket.gethostname()}"
-        self.server = Server(user_manager=PasswordCheck(*self.credentials, self.warn) if self.secured else None)
+        trust = TrustList(self.pki, self.warn) if self.secured else None
+        self.server = Server(user_manager=PasswordCheck(*self.credentials, trust, self.warn) if self.secured else None)
         await self.server.init()
         self.server.set_server_name("edge-inspect")
-        self.server.set_endpoint(self.endpoint)
+        parts = urlsplit(self.endpoint)
+        self.server.set_endpoint(f"opc.tcp://{parts.netloc.rsplit(':', 1)[0] if parts.port else parts.netloc}:"
+                                 f"{self.port}{parts.path}")
         await self.server.set_application_uri(application_uri)
         self.server.iserver.max_monitored_item_queue_size = QUEUE_CAP
         self.server.iserver.max_subscriptions = MAX_SUBSCRIPTIONS
@@ -218,12 +249,12 @@ class OpcUaServer:
             key, certificate = await own_certificate(self.pki, application_uri)
             await self.server.load_certificate(certificate)
             await self.server.load_private_key(key)
-            self.server.set_security_policy([
-                policy.Basic256Sha256_SignAndEncrypt, policy.Basic256Sha256_Sign,
-                policy.Aes128Sha256RsaOaep_SignAndEncrypt, policy.Aes128Sha256RsaOaep_Sign,
-                policy.Aes256Sha256RsaPss_SignAndEncrypt, policy.Aes256Sha256RsaPss_Sign])
+            self.server.set_security_policy([policy.Basic256Sha256_SignAndEncrypt,
+                                             policy.Aes128Sha256RsaOaep_SignAndEncrypt,
+                                             policy.Aes256Sha256RsaPss_SignAndEncrypt])
             self.server.set_identity_tokens([ua.UserNameIdentityToken])
-            self.server.set_certificate_validator(TrustList(self.pki, self.warn))
+            await trust.load()
+            self.server.set_certificate_validator(trust)
         else:
             self.server.set_security_policy([policy.NoSecurity])
             self.server.set_identity_tokens([ua.AnonymousIdentityToken])
@@ -285,7 +316,8 @@ class OpcUaServer:
         when = record_time(result)
         fields = {"ResultId": f"{self.run_id}/{seq}", "IsPartial": False,
                   "ResultState": RESULT_STATE["aborted" if verdict == "skipped" else "completed"],
-                  "JobId": self.run_id, "InternalRecipeId": self.digest, "InternalConfigurationId": str(self.version),
+                  "JobId": self.run_id, "InternalRecipeId": self.digests.get(result["version"], self.digest),
+                  "InternalConfigurationId": str(result["version"]),
                   "CreationTime": when, "ResultEvaluation": EVALUATION.get(verdict, 0), "Verdict": verdict,
                   "Score": float(result["score"] or 0.0), "Threshold": float(result["threshold"] or 0.0),
                   "FrameIndex": seq, "Regions": result["regions"], "BundleVersion": result["version"]}
@@ -304,6 +336,7 @@ class OpcUaServer:
     async def use_bundle(self, bundle: dict) -> None:
         """The version judging from now on (at the start and after a hot swap)."""
         self.version, self.digest = bundle["version"], bundle["digest"]
+        self.digests[self.version] = self.digest
         kinds = self.ua.VariantType
         await self._write(self.vars["BundleVersion"], self.version, kinds.UInt32)
         await self._write(self.vars["BundleDigest"], self.digest, kinds.String)
@@ -322,8 +355,10 @@ class OpcUaServer:
         fields.AlarmId, fields.Kind, fields.Active = event.get("id", ""), event.get("kind", ""), raised
         fields.Severity = 800 if raised else 100
         fields.SourceName = event.get("source") or "edge-inspect"
-        await self.alarms.trigger(message=("" if raised else "cleared: ") + event.get("message", ""))
+        text = event.get("message") or event.get("kind") or "alarm"  # never empty: asyncua would keep the last one
+        await self.alarms.trigger(message=text if raised else f"cleared: {text}")
 
     async def stop(self) -> None:
         await self._write(self.vars["State"], "Halted", self.ua.VariantType.String)
+        await asyncio.sleep(HALTED_GRACE_S)  # a subscription's next publishing carries it
         await self.server.stop()

@@ -4,9 +4,10 @@ loop about a fifth of its frames/s once a client polled or subscribed (the GIL, 
 per server); served by another process, the same clients cost it nothing measurable.
 
 inspect-run writes each frame's result (a few numbers, JSON) into a pipe without ever waiting: a message fits in
-PIPE_BUF, so a non-blocking write is whole or refused; a refusal (the server process fell behind by a full pipe, or
-ended) is a dropped update, counted and warned, never a delayed frame. Closing the pipe ends the process: its
-servers say "Halted" and stop."""
+PIPE_BUF, so a non-blocking write is whole or refused; a refused frame (the server process fell behind by a full
+pipe, or ended) is a dropped update, counted and warned, never a delayed frame; a refused alarm or bundle change
+is kept and sent before the next message, since it is state the PLC must not miss. Closing the pipe ends the
+process: its servers say "Halted" and stop."""
 
 import asyncio
 import json
@@ -16,13 +17,15 @@ import select
 import signal
 import socket
 import struct
+import threading
+from collections import deque
 
 from edgeinspect.runtime.console import InspectError, RateLimitedWarning, warn
 from edgeinspect.runtime.outputs.sinks import Inspected, Sink
 
 HEADER = struct.Struct("<I")
 MESSAGE_MAX = select.PIPE_BUF  # a larger write could be split between a full pipe and the next write
-ALARM_TEXT_MAX = 1500
+KEPT_MAX = 256  # alarm and bundle messages kept while the pipe is full
 METHODS = {"frame": "publish", "alarm": "alarm", "bundle": "use_bundle"}
 
 
@@ -140,6 +143,8 @@ class PlcServers(Sink):
         receiving_updates.close()
         sending_ready.close()
         self.warn, self.dropped, self.closed = RateLimitedWarning(), 0, False
+        self.kept: deque[bytes] = deque(maxlen=KEPT_MAX)  # alarm and bundle messages not yet through
+        self.lock = threading.Lock()  # the frame loop, Health's thread and the hot-swap thread all send
         try:
             answer = receiving_ready.recv() if receiving_ready.poll(start_timeout_s) else ("error", None)
         except EOFError:  # the process ended before it could say why
@@ -150,46 +155,77 @@ class PlcServers(Sink):
         os.set_blocking(self.updates.fileno(), False)
 
     def status(self) -> list[dict]:
-        """For the operator's page: each server's address and how many clients are connected."""
-        return [{"protocol": protocol, "address": address, "clients": self.clients[index]}
-                for index, (protocol, address) in enumerate(self.addresses)]
+        """For the operator's page: each server's address, how many clients are connected, and whether the
+        servers' process still runs."""
+        running = self.process.is_alive()
+        return [{"protocol": protocol, "address": address, "clients": self.clients[index] if running else 0,
+                 "running": running} for index, (protocol, address) in enumerate(self.addresses)]
+
+    def _message(self, kind: str, payload) -> bytes:
+        """The framed message, within PIPE_BUF: a long alarm text is cut (by its encoded bytes)."""
+        data = json.dumps([kind, payload], ensure_ascii=False).encode()
+        while HEADER.size + len(data) > MESSAGE_MAX and kind == "alarm" and payload.get("message"):
+            payload = {**payload, "message": payload["message"][:len(payload["message"]) * 3 // 4]}
+            data = json.dumps([kind, payload], ensure_ascii=False).encode()
+        return HEADER.pack(len(data)) + data
+
+    def _write(self, message: bytes) -> bool:
+        """Whole or not at all; False when the pipe is full."""
+        try:
+            os.write(self.updates.fileno(), message)
+            return True
+        except BlockingIOError:
+            return False
 
     def _send(self, kind: str, payload) -> None:
-        if self.closed:
-            return
-        data = json.dumps([kind, payload]).encode()
-        message = HEADER.pack(len(data)) + data
-        try:
-            if len(message) > MESSAGE_MAX:
-                raise ValueError(f"{len(message)} bytes")
-            os.write(self.updates.fileno(), message)
-        except BlockingIOError:
-            self.dropped += 1
-            self.warn("plc-behind", f"the PLC servers fall behind: {self.dropped} updates dropped so far")
-        except (OSError, ValueError) as error:
-            self.dropped += 1
-            self.warn("plc-gone", f"an update for the PLC servers was dropped ({error}; their process "
-                                  f"{'runs' if self.process.is_alive() else 'has ended'})")
+        with self.lock:
+            if self.closed:
+                return
+            message = self._message(kind, payload)
+            try:
+                if len(message) > MESSAGE_MAX:
+                    raise ValueError(f"{len(message)} bytes, more than a pipe takes whole")
+                while self.kept and self._write(self.kept[0]):
+                    self.kept.popleft()
+                if not self.kept and self._write(message):
+                    return
+                if kind != "frame":
+                    self.kept.append(message)
+                    return
+                self.dropped += 1
+                self.warn("plc-behind", f"the PLC servers fall behind: {self.dropped} updates dropped so far")
+            except (OSError, ValueError) as error:
+                self.dropped += 1
+                self.warn("plc-gone", f"an update for the PLC servers was dropped ({error}; their process "
+                                      f"{'runs' if self.process.is_alive() else 'has ended'})")
 
     def handle(self, item: Inspected) -> None:
         self._send("frame", frame_result(item))
 
     def alarm(self, event: dict) -> None:
         """Health's listener: an alarm raised or cleared."""
-        self._send("alarm", {key: event.get(key) for key in ("id", "kind", "source", "state")}
-                   | {"message": str(event.get("message", ""))[:ALARM_TEXT_MAX]})
+        self._send("alarm", {key: event.get(key) for key in ("id", "kind", "source", "state", "message")})
 
     def use_bundle(self, bundle) -> None:
         """A new version judges from now on."""
         self._send("bundle", bundle_identity(bundle))
 
     def close(self) -> None:
-        """Close the pipe: the servers take what it holds, say "Halted" and stop."""
-        if self.closed:
-            return
-        self.closed = True
-        self.updates.close()
+        """Close the pipe: the servers take what it holds, say "Halted" and stop (killed if they do not: they
+        ignore SIGTERM, which systemd sends the whole unit)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self.kept:
+                os.set_blocking(self.updates.fileno(), True)  # the last alarms and versions, before the end
+                for message in self.kept:
+                    try:
+                        os.write(self.updates.fileno(), message)
+                    except OSError:
+                        break
+            self.updates.close()
         self.process.join(15)
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()
             self.process.join(5)

@@ -243,7 +243,7 @@ function render(stats) {
   renderNg(stats);
   $("ng-note").textContent = stats.ng_frames.length ? "(click one for the whole overlay)" : "";
   const latency = stats.frame_ms ? "frame time p50 " + stats.frame_ms.p50 + " ms, p95 " + stats.frame_ms.p95 + " ms \u00b7 " : "";
-  const plc = (stats.plc || []).map((server) => " \u00b7 " + server.protocol + " " + server.address + ": " + server.clients + " client" + (server.clients === 1 ? "" : "s")).join("");
+  const plc = (stats.plc || []).map((server) => " \u00b7 " + server.protocol + " " + server.address + ": " + (server.running ? server.clients + " client" + (server.clients === 1 ? "" : "s") : "STOPPED")).join("");
   $("footer").textContent = latency + "mode " + about.mode + " \u00b7 threshold from " + (about.calibrated_on || "\u2014") + plc + " \u00b7 updated " + new Date(stats.now * 1000).toLocaleTimeString("en-GB");
   document.body.dataset.frames = stats.frames;
   document.body.dataset.updated = stats.now;
