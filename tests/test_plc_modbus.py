@@ -232,3 +232,31 @@ def test_a_frozen_plc_server_process_never_holds_the_line(patchcore_bundle, mvte
         output = stop_run(process)
     assert process.returncode == 0 and "Traceback" not in output, output
     assert "the PLC servers fall behind" in output and "updates dropped" in output, output
+
+
+def test_a_plc_server_process_that_dies_raises_an_alarm(patchcore_bundle, mvtec_like, tmp_path):
+    """The PLC servers' process killed (SIGKILL) while the run goes on: the `plc` health alarm is raised (in the
+    log, with the addresses the PLC no longer gets verdicts over) and the run keeps inspecting."""
+    folder, out, port = tmp_path / "incoming", tmp_path / "out", free_port()
+    folder.mkdir()
+    process = subprocess.Popen(RUN + [str(patchcore_bundle), "--source", str(folder), "--watch", "--out", str(out),
+                                      "--save", "none", "--modbus", f"127.0.0.1:{port}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        connect(port).close()
+        os.kill(plc_servers_process(process.pid), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (out / "inspections.jsonl").exists() or '"kind": "plc"' not in (out / "inspections.jsonl").read_text():
+            assert time.monotonic() < deadline, "no plc alarm"
+            time.sleep(0.2)
+        for path in settled_copies(sorted((mvtec_like / "test" / "good").iterdir()), tmp_path / "frames", 3).iterdir():
+            path.rename(folder / path.name)
+        while sum('"seq"' in line for line in (out / "inspections.jsonl").read_text().splitlines()) < 3:
+            assert time.monotonic() < deadline, "the run stopped inspecting"
+            time.sleep(0.2)
+    finally:
+        output = stop_run(process)
+    assert process.returncode == 0 and "Traceback" not in output, output
+    alarm = next(json.loads(line)["alarm"] for line in (out / "inspections.jsonl").read_text().splitlines()
+                 if '"kind": "plc"' in line)
+    assert alarm["state"] == "raised" and f"Modbus 127.0.0.1:{port}" in alarm["message"], alarm

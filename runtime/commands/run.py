@@ -308,6 +308,7 @@ def inspect_line(bundle_dir: Path | None, source: list[str] | None, camera: int 
             plc = PlcServers(servers)
             outputs.sinks.append(plc)
             health.listeners.append(plc.alarm)
+            health.probes.append(("plc", plc.problem))
         if view is not None:
             token_file = view_token_file or (None if is_loopback(view_host) else out / TOKEN_FILE)
             token = load_or_create_token(token_file) if token_file else None

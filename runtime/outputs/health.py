@@ -89,6 +89,7 @@ class Health:
         self.reconnect_times: dict[str, deque] = {label: deque() for label in labels}
         self.full_since: dict[str, float | None] = dict.fromkeys(labels)
         self.free_since: dict[str, float | None] = dict.fromkeys(labels)
+        self.probes: list[tuple[str, Callable[[], str | None]]] = []  # (kind, what is wrong or None), per check
         self.stopping = threading.Event()
         self.monitor: threading.Thread | None = None
 
@@ -163,6 +164,12 @@ class Health:
                 if self.mode == "every":
                     self._check_backlog(grabber, now)
         self._check_disk()
+        for kind, probe in self.probes:
+            message = probe()
+            if message is None:
+                self._clear(kind)
+            else:
+                self._raise(kind, kind, None, message)
 
     def _check_stall(self, grabber, now: float) -> None:
         label = grabber.label

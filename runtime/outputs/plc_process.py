@@ -161,6 +161,14 @@ class PlcServers(Sink):
         return [{"protocol": protocol, "address": address, "clients": self.clients[index] if running else 0,
                  "running": running} for index, (protocol, address) in enumerate(self.addresses)]
 
+    def problem(self) -> str | None:
+        """For Health's check: the servers' process ended while the run goes on."""
+        if self.closed or self.process.is_alive():
+            return None
+        return (f"the PLC servers' process has ended (exit code {self.process.exitcode}): the PLC gets no verdicts "
+                f"over {', '.join(f'{protocol} {address}' for protocol, address in self.addresses)}; restart the "
+                "run (systemctl restart edge-inspect@LINE under systemd)")
+
     def _message(self, kind: str, payload) -> bytes:
         """The framed message, within PIPE_BUF: a long alarm text is cut (by its encoded bytes)."""
         data = json.dumps([kind, payload], ensure_ascii=False).encode()
