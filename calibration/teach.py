@@ -33,7 +33,7 @@ from onnx import numpy_helper
 
 from edgeinspect.export import device_export
 from edgeinspect.runtime.console import InspectError, console
-from edgeinspect.runtime.files import replace_dir, staging_dir
+from edgeinspect.runtime.files import staged_dir
 from edgeinspect.runtime.inference.backends import openvino_config
 from edgeinspect.runtime.inference.bundle import Bundle, file_digests, load_bundle
 from edgeinspect.runtime.inference.images import load_resized
@@ -216,9 +216,7 @@ def _teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | No
                   f"patches; beyond {radius:.3g}, the held-out good patches' {COVERAGE_QUANTILE:g} quantile"
                   f"{'; the limit per teaching' if len(added) == limit else ''}): {len(bank)} → {len(new_bank)}")
 
-    staging = staging_dir(bundle.path)
-    try:
-        shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
+    with staged_dir(bundle.path, copy_of=bundle.path) as staging:
         staged = Bundle(staging, dict(record))
         for field in ("model_file", "fp16_model_file"):
             if record.get(field):
@@ -263,10 +261,6 @@ def _teach(bundle_dir: Path, good: list[Path], defects: list[Path], by: str | No
         kept = versions_dir(bundle.path) / version_name(record)
         shutil.rmtree(kept, ignore_errors=True)  # this very version, kept before and rolled back to since
         shutil.copytree(bundle.path, kept)
-        replace_dir(staging, bundle.path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if dropped:
         console.print(f"dropped {', '.join(dropped)} (made from the old bank): inspect-export {bundle.path} "
                       f"{'--int8 ' if record.get('int8_model_file') else ''}{'--engine' if record.get('engine') else ''}"
@@ -287,15 +281,9 @@ def rollback(bundle_dir: Path) -> Bundle:
             raise InspectError(f"{bundle.path}: version {version_number(bundle.record)} has no parent kept in "
                                f"{history}" + ("" if parent_digest else " (it was not taught: nothing to roll back)"))
         parent = load_bundle(matching[0])  # verified before anything moves
-        staging = staging_dir(bundle.path)
-        try:
-            shutil.copytree(parent.path, staging, dirs_exist_ok=True)
+        with staged_dir(bundle.path, copy_of=parent.path):
             rolled_back = history / f"{version_name(bundle.record)}-rolled-back"
             shutil.rmtree(rolled_back, ignore_errors=True)
             shutil.copytree(bundle.path, rolled_back)
-            replace_dir(staging, bundle.path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         shutil.rmtree(parent.path)
     return load_bundle(bundle.path)

@@ -2,7 +2,6 @@
 TensorRT engine (`inspect-export BUNDLE --engine [--fp16]` on a Jetson or a GPU box)."""
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 from rich.markup import escape
 
 from edgeinspect.runtime.console import InspectError, console, warn
-from edgeinspect.runtime.files import replace_dir, staging_dir
+from edgeinspect.runtime.files import staged_dir
 from edgeinspect.runtime.inference.bundle import MODEL_FIELDS, Bundle, file_digests, load_bundle
 
 from .precision import convert_fp16
@@ -113,9 +112,7 @@ def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
     if "precision" not in bundle.record:
         raise InspectError(f"{bundle_dir}: exported before fp16 and engine support; export it again from its run "
                            "folder (inspect-export RUN), then build the engine")
-    staging = staging_dir(bundle.path)  # removes the staging folders that killed exports left
-    try:
-        shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
+    with staged_dir(bundle.path, copy_of=bundle.path) as staging:  # stale staging of killed exports removed
         staged = Bundle(staging, bundle.record)
         profile = options.batch_sizes or tuple(bundle.record.get("batch_profile") or DEFAULT_BATCH_SIZES)
         if list(profile) != bundle.record.get("batch_profile"):  # another profile: checked again, recorded for all
@@ -129,8 +126,4 @@ def engine_for_bundle(bundle_dir: Path, options: EngineOptions) -> Bundle:
             add_engine(staged, options)
         bundle.record["files"] = file_digests(staging, model_files(bundle.record))
         staged.save()
-        replace_dir(staging, bundle.path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return load_bundle(bundle.path)

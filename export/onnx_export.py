@@ -1,7 +1,6 @@
 """One export entry point. The graph takes uint8 RGB images (B, H, W, 3) with a dynamic batch and returns
 ``anomaly_map`` (B, 1, H, W) and ``score`` (B,); normalisation and the memory bank live inside it."""
 
-import shutil
 import time
 import warnings
 from datetime import datetime, timezone
@@ -13,7 +12,7 @@ import torch
 
 import edgeinspect
 from edgeinspect.runtime.console import InspectError, console, warn
-from edgeinspect.runtime.files import replace_dir, staging_dir, writable_dir
+from edgeinspect.runtime.files import staged_dir, writable_dir
 from edgeinspect.runtime.inference.backends import OrtCpuBackend
 from edgeinspect.runtime.inference.bundle import BUNDLE_FORMAT_VERSION, BUNDLE_RECORD, Bundle, file_digests
 from edgeinspect.runtime.inference.images import load_resized
@@ -70,8 +69,7 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
     if run.get("state") == "training":
         warn(f"{run_dir}: training has not finished; exporting its best checkpoint so far")
     size = tuple(run["config"]["image_size"])
-    staging = staging_dir(out)  # removes the staging folders that killed exports left
-    try:
+    with staged_dir(out) as staging:  # stale staging of killed exports removed
         clock = time.perf_counter()
         export_onnx(model, staging / MODEL_FILE, size, opset)
         export_s = time.perf_counter() - clock
@@ -93,10 +91,6 @@ def export_bundle(run_dir: Path, out: Path | None = None, opset: int = 17, parit
             add_engine(bundle, engine)
         record["files"] = file_digests(staging, model_files(record))
         bundle.save()
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Bundle(out, record)
 
 

@@ -1,5 +1,6 @@
 """Atomic writes and file digests: a power cut or a crash never leaves half a bundle or half a result."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -132,6 +133,21 @@ def staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-{os.getpid()}-"))
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, copy_of: Path | None = None):
+    """A staging folder (a copy of `copy_of`, else empty) to write the new `target` in: swapped into place when the
+    block ends, removed when it raises, so a reader sees the old folder or the new one, never half of one."""
+    staging = staging_dir(target)
+    try:
+        if copy_of is not None:
+            shutil.copytree(copy_of, staging, dirs_exist_ok=True)
+        yield staging
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def cache_dir(kind: str) -> Path:
