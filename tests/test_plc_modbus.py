@@ -45,6 +45,30 @@ def stop_run(process: subprocess.Popen) -> str:
             process.wait()
 
 
+def start_run(bundle: Path, folder: Path, out: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(RUN + [str(bundle), "--source", str(folder), "--watch", "--out", str(out), "--save",
+                                   "none", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def feed(images: list[Path], folder: Path, count: int, scratch: Path) -> None:
+    """`count` files cycling through `images` moved into the watched folder at once, old enough to be taken."""
+    scratch.mkdir()
+    old = time.time() - 5
+    for index in range(count):
+        copy = scratch / f"{scratch.name}-{index:04d}.png"
+        shutil.copy(images[index % len(images)], copy)
+        os.utime(copy, (old, old))
+    for copy in sorted(scratch.iterdir()):
+        copy.rename(folder / copy.name)
+
+
+def logged_frames(out: Path) -> int:
+    """Frames in the run's log so far (its alarm lines have no seq)."""
+    log = out / "inspections.jsonl"
+    return sum('"seq"' in line for line in log.read_text().splitlines()) if log.exists() else 0
+
+
 def connect(port: int, timeout_s: float = 60) -> ModbusTcpClient:
     client = ModbusTcpClient("127.0.0.1", port=port)
     deadline = time.monotonic() + timeout_s
@@ -176,13 +200,15 @@ def test_bad_modbus_addresses_are_one_line_errors(patchcore_bundle, mvtec_like, 
     assert result.output.count("\n") == 1
 
 
-def test_an_address_in_use_is_a_one_line_error(patchcore_bundle, mvtec_like, tmp_path):
+@pytest.mark.parametrize("option, address", [("--modbus", "127.0.0.1:{port}"),
+                                             ("--opcua", "opc.tcp://127.0.0.1:{port}")])
+def test_an_address_in_use_is_a_one_line_error(patchcore_bundle, mvtec_like, tmp_path, option, address):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = CliRunner().invoke(run_app, [str(patchcore_bundle), "--source", str(mvtec_like / "test" / "good"),
-                                              "--out", str(tmp_path), "--modbus", f"127.0.0.1:{port}"])
+                                              "--out", str(tmp_path), option, address.format(port=port)])
     assert result.exit_code == 2 and "Address already in use" in result.output, result.output
 
 
@@ -198,32 +224,29 @@ def plc_servers_process(parent: int) -> int:
     raise AssertionError("no PLC servers' process")
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the servers' process through Linux /proc")
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
+                                reason="finds the servers' process through Linux /proc")
+
+
+@needs_proc
 def test_a_frozen_plc_server_process_never_holds_the_line(patchcore_bundle, mvtec_like, tmp_path):
     """The PLC servers' process stopped (SIGSTOP) while 1,000 frames come: inspect-run inspects them all, drops the
     updates that no longer fit the pipe, says so, and after SIGCONT the servers take updates again."""
     images = sorted((mvtec_like / "test" / "good").iterdir())
     folder, out, port = tmp_path / "incoming", tmp_path / "out", free_port()
     folder.mkdir()
-    process = subprocess.Popen(RUN + [str(patchcore_bundle), "--source", str(folder), "--watch", "--out", str(out),
-                                      "--save", "none", "--modbus", f"127.0.0.1:{port}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_run(patchcore_bundle, folder, out, "--modbus", f"127.0.0.1:{port}")
     try:
         plc = connect(port)
         servers = plc_servers_process(process.pid)
         os.kill(servers, signal.SIGSTOP)
-        for path in settled_copies(images, tmp_path / "frames", 1000).iterdir():
-            path.rename(folder / path.name)
+        feed(images, folder, 1000, tmp_path / "frozen")
         deadline = time.monotonic() + 180
-        while not (out / "inspections.jsonl").exists() or \
-                sum(1 for line in (out / "inspections.jsonl").read_text().splitlines() if '"seq"' in line) < 1000:
+        while logged_frames(out) < 1000:
             assert time.monotonic() < deadline, "the line stopped with the PLC servers"
             time.sleep(0.2)
         os.kill(servers, signal.SIGCONT)
-        shutil.copy(images[0], tmp_path / "one.png")
-        old = time.time() - 5
-        os.utime(tmp_path / "one.png", (old, old))
-        (tmp_path / "one.png").rename(folder / "one.png")
+        feed(images, folder, 1, tmp_path / "after")
         while plc.read_holding_registers(BLOCK + SEQ, count=1, device_id=1).registers[0] != 1000:
             assert time.monotonic() < deadline, "the servers took no update after SIGCONT"
             time.sleep(0.05)
@@ -234,14 +257,13 @@ def test_a_frozen_plc_server_process_never_holds_the_line(patchcore_bundle, mvte
     assert "the PLC servers fall behind" in output and "updates dropped" in output, output
 
 
+@needs_proc
 def test_a_plc_server_process_that_dies_raises_an_alarm(patchcore_bundle, mvtec_like, tmp_path):
     """The PLC servers' process killed (SIGKILL) while the run goes on: the `plc` health alarm is raised (in the
     log, with the addresses the PLC no longer gets verdicts over) and the run keeps inspecting."""
     folder, out, port = tmp_path / "incoming", tmp_path / "out", free_port()
     folder.mkdir()
-    process = subprocess.Popen(RUN + [str(patchcore_bundle), "--source", str(folder), "--watch", "--out", str(out),
-                                      "--save", "none", "--modbus", f"127.0.0.1:{port}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_run(patchcore_bundle, folder, out, "--modbus", f"127.0.0.1:{port}")
     try:
         connect(port).close()
         os.kill(plc_servers_process(process.pid), signal.SIGKILL)
@@ -249,9 +271,8 @@ def test_a_plc_server_process_that_dies_raises_an_alarm(patchcore_bundle, mvtec_
         while not (out / "inspections.jsonl").exists() or '"kind": "plc"' not in (out / "inspections.jsonl").read_text():
             assert time.monotonic() < deadline, "no plc alarm"
             time.sleep(0.2)
-        for path in settled_copies(sorted((mvtec_like / "test" / "good").iterdir()), tmp_path / "frames", 3).iterdir():
-            path.rename(folder / path.name)
-        while sum('"seq"' in line for line in (out / "inspections.jsonl").read_text().splitlines()) < 3:
+        feed(sorted((mvtec_like / "test" / "good").iterdir()), folder, 3, tmp_path / "after")
+        while logged_frames(out) < 3:
             assert time.monotonic() < deadline, "the run stopped inspecting"
             time.sleep(0.2)
     finally:

@@ -5,7 +5,6 @@ password, encrypted endpoints, trusted client certificates); bad endpoints as on
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,29 +20,11 @@ from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from edgeinspect.runtime.commands.run import app as run_app
 from edgeinspect.runtime.outputs.plc_opcua import NAMESPACE
-from test_plc_modbus import free_port, stop_run
+from test_plc_modbus import feed, free_port, start_run, stop_run
 from typer.testing import CliRunner
 
 RUN = [sys.executable, "-c", "from edgeinspect.runtime.commands.run import main; main()"]
 PASSWORD = "line-7-opcua-password"
-
-
-def start_run(bundle: Path, folder: Path, out: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(RUN + [str(bundle), "--source", str(folder), "--watch", "--out", str(out), "--save",
-                                   "none", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-
-
-def feed(images: list[Path], folder: Path, count: int, scratch: Path) -> None:
-    """`count` files cycling through `images` moved into the watched folder at once, old enough to be taken."""
-    scratch.mkdir()
-    old = time.time() - 5
-    for index in range(count):
-        copy = scratch / f"{scratch.name}-{index:04d}.png"
-        shutil.copy(images[index % len(images)], copy)
-        os.utime(copy, (old, old))
-    for copy in sorted(scratch.iterdir()):
-        copy.rename(folder / copy.name)
 
 
 async def connected(client: Client, timeout_s: float = 60) -> None:
@@ -303,16 +284,6 @@ def test_bad_opcua_options_are_one_line_errors(patchcore_bundle, mvtec_like, tmp
                                           "--out", str(tmp_path), *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     assert result.output.count("\n") == 1
-
-
-def test_an_opcua_port_in_use_is_a_one_line_error(patchcore_bundle, mvtec_like, tmp_path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = CliRunner().invoke(run_app, [str(patchcore_bundle), "--source", str(mvtec_like / "test" / "good"),
-                                              "--out", str(tmp_path), "--opcua", f"opc.tcp://127.0.0.1:{port}"])
-    assert result.exit_code == 2 and "Address already in use" in result.output, result.output
 
 
 def test_the_operators_page_says_which_plcs_are_connected(patchcore_bundle, mvtec_like, tmp_path):

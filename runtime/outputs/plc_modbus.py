@@ -19,7 +19,6 @@ import math
 import time
 
 from edgeinspect.runtime.console import InspectError
-from edgeinspect.runtime.outputs.plc_process import check_bindable
 
 DEVICE_ID = 1
 HEARTBEAT, SOURCES = 0, 1
@@ -58,13 +57,12 @@ class ModbusServer:
     """One frame's result at a time (plc_process's), on the loop it was started on."""
 
     def __init__(self, address: str, sources: list[str], ng_mode: str = "latched", pulse_ms: int = 500):
-        check_modbus_options(address, ng_mode, pulse_ms)
-        self.address = address
+        """The options as inspect-run checked them (check_modbus_options, and the address free)."""
         self.host, self.port = parse_modbus_address(address)
         self.index = {label: i for i, label in enumerate(sources)}
         self.ng_mode, self.pulse_s = ng_mode, pulse_ms / 1000
         self.counts = {label: [0, 0] for label in sources}  # frames, NG
-        self.clients = 0
+        self.clients = 0  # PLCs connected, for the operator's page
         self.pulses: dict[int, int] = {}  # NG pulses started per coil
 
     async def start(self) -> None:
@@ -73,7 +71,6 @@ class ModbusServer:
         from pymodbus.simulator.simdevice import SimDevice
 
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # its own lines would interleave the console's
-        check_bindable(self.host, self.port, f"--modbus {self.address}")
         registers = BLOCK + BLOCK_SIZE * len(self.index)
         device = SimDevice(id=DEVICE_ID, simdata=(
             [SimData(0, count=2 * len(self.index), values=False, datatype=DataType.BITS)],
@@ -84,10 +81,6 @@ class ModbusServer:
         await self.server.serve_forever(background=True)
         await self._set(HOLDING, SOURCES, [len(self.index)])
         self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
-
-    def status(self) -> dict:
-        """For the operator's page: where the server listens and how many clients (PLCs) are connected."""
-        return {"protocol": "Modbus", "address": self.address, "clients": self.clients}
 
     def _connected(self, connected: bool) -> None:
         self.clients += 1 if connected else -1

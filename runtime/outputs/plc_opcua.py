@@ -30,7 +30,6 @@ from urllib.parse import urlsplit
 
 from edgeinspect.runtime.console import InspectError, RateLimitedWarning
 from edgeinspect.runtime.files import atomic_write_bytes
-from edgeinspect.runtime.outputs.plc_process import check_bindable
 from edgeinspect.runtime.outputs.view_access import is_loopback
 
 NAMESPACE = "urn:edge-inspect:opcua"
@@ -63,8 +62,8 @@ def parse_opcua_endpoint(text: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
-def check_opcua_options(endpoint: str, username: str | None, password: str | None) -> bool:
-    """Whether the server is secured (user name and password, signed and encrypted endpoints only)."""
+def check_opcua_options(endpoint: str, username: str | None, password: str | None) -> None:
+    """With a user name the server is secured (user name and password, signed and encrypted endpoints only)."""
     host, _ = parse_opcua_endpoint(endpoint)
     if password and not username:
         raise InspectError("--opcua-password needs --opcua-username")
@@ -74,7 +73,6 @@ def check_opcua_options(endpoint: str, username: str | None, password: str | Non
     if not username and not is_loopback(host):
         raise InspectError(f"--opcua {endpoint}: beyond loopback, give --opcua-username and a password (anonymous "
                            "access is for loopback only)")
-    return bool(username)
 
 
 def check_pki_folder(folder: Path) -> None:
@@ -209,10 +207,11 @@ class OpcUaServer:
 
     def __init__(self, endpoint: str, sources: list[str], run_id: str, bundle: dict, pki: Path,
                  username: str | None = None, password: str | None = None):
-        """`bundle`: the version judging, plc_process.bundle_identity's {"version", "digest"}."""
-        self.secured = check_opcua_options(endpoint, username, password)
+        """The options as inspect-run checked them (check_opcua_options, and the address free); `bundle`: the
+        version judging, plc_process.bundle_identity's {"version", "digest"}."""
+        self.secured = bool(username)
         self.endpoint, self.credentials = endpoint, (username, password)
-        self.host, self.port = parse_opcua_endpoint(endpoint)
+        self.port = parse_opcua_endpoint(endpoint)[1]
         self.sources, self.run_id = list(sources), run_id
         self.version, self.digest = bundle["version"], bundle["digest"]
         self.digests = {self.version: self.digest}  # every version judged in this run → its model's digest
@@ -230,7 +229,6 @@ class OpcUaServer:
             logging.getLogger(name).setLevel(logging.CRITICAL)
         if self.secured:
             check_pki_folder(self.pki)
-        check_bindable(self.host, self.port, f"--opcua {self.endpoint}")
         self.ua = ua
         application_uri = f"urn:edge-inspect:{socket.gethostname()}"
         trust = TrustList(self.pki, self.warn) if self.secured else None
@@ -296,10 +294,11 @@ class OpcUaServer:
         self.results = await server.get_event_generator(result_type, system)
         self.alarms = await server.get_event_generator(alarm_type, system)
 
-    def status(self) -> dict:
-        """For the operator's page: the endpoint and how many clients are connected."""
+    @property
+    def clients(self) -> int:
+        """Clients connected, for the operator's page."""
         bserver = getattr(getattr(self, "server", None), "bserver", None)
-        return {"protocol": "OPC UA", "address": self.endpoint, "clients": len(bserver.clients) if bserver else 0}
+        return len(bserver.clients) if bserver else 0
 
     async def _write(self, nodeid, value, kind, when: datetime | None = None) -> None:
         ua = self.ua

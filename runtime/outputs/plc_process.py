@@ -122,7 +122,7 @@ async def _serve_updates(servers: list[tuple[str, dict]], updates, ready, client
 async def _count_clients(opened: list, clients) -> None:
     while True:
         for index, server in enumerate(opened):
-            clients[index] = server.status()["clients"]
+            clients[index] = server.clients
         await asyncio.sleep(0.5)
 
 
